@@ -1,0 +1,311 @@
+"""Model configuration: one dataclass that round-trips to ``config.json``, and the named presets.
+
+The three pretrained parts keep their own Hugging Face configs, stored as plain dicts with their
+``model_type`` so that any transformers config class can be rebuilt from them:
+
+- ``sam``: a full ``SamConfig`` (frozen image encoder, prompt encoder, mask decoder);
+- ``semantic``: a vision tower config (``clip_vision_model`` or ``siglip_vision_model``);
+- ``lm``: a language model config, either T5 (encoder-decoder) or any causal LM.
+
+Presets: ``tiny`` (the embedded default's size), ``base`` and ``paper`` (SAM ViT-H + ViT-L/14 +
+Flan-T5-XL with LoRA rank 32, as the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pixelllm.errors import ConfigError
+
+CONFIG_NAME = "config.json"
+
+DEFAULT_PROMPTS = {
+    "trace": "A long image caption:",
+    "refer": "where is {expression}",
+    "region": "an object of",
+}
+
+
+@dataclass
+class ExtractorConfig:
+    """Prompt feature extractor: a SAM-style two-way transformer with learnable output tokens."""
+
+    depth: int = 6
+    width: int = 512
+    heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample: int = 2
+    num_tokens: int = 32
+    token_dim: int = 1024  # width of each token's own output projection, before the LM projection
+
+
+@dataclass
+class LocationHeadConfig:
+    """Localization MLP: LayerNorm, ``depth`` x (Linear + GELU), Linear to 4 (two corners)."""
+
+    hidden: int = 512
+    depth: int = 3
+
+
+@dataclass
+class MaskHeadConfig:
+    """Mask adapter (learned tokens, two-way transformer, tanh gate) in front of SAM's decoder."""
+
+    num_tokens: int = 2  # one per SAM box-corner token it is added to
+    depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 1024
+
+
+@dataclass
+class ProposalHeadConfig:
+    """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
+
+    width: int = 256
+    strides: tuple[int, ...] = (8, 16, 32)  # in canvas pixels
+    max_proposals: int = 100
+    nms_iou: float = 0.5
+    score_threshold: float = 0.05
+
+
+@dataclass
+class PixelLLMConfig:
+    """Everything needed to rebuild a PixelLLM (weights aside).
+
+    Sizes: the canvas is ``image_size`` x ``image_size`` pixels; the image is resized so its long
+    side fills it and is zero-padded to the square. All model-internal coordinates are canvas pixels.
+    """
+
+    image_size: int = 384
+    sam: dict[str, Any] = field(default_factory=dict)
+    semantic: dict[str, Any] = field(default_factory=dict)
+    lm: dict[str, Any] = field(default_factory=dict)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    location_head: LocationHeadConfig = field(default_factory=LocationHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    proposal_head: ProposalHeadConfig = field(default_factory=ProposalHeadConfig)
+    freeze_sam: bool = True  # SAM image encoder, prompt encoder and mask decoder
+    lora_rank: int = 32  # > 0: LM frozen, LoRA on ``lora_targets``; 0: the whole LM trains
+    lora_alpha: float | None = None  # None: equal to the rank (scale 1, as the official code)
+    lora_targets: list[str] | None = None  # None: the family's q and v projections
+    label_smoothing: float = 0.1
+    location_loss_weight: float = 0.1
+    max_text_tokens: int = 128
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+
+    def __post_init__(self) -> None:
+        for name, cls in _NESTED.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _dataclass_from_dict(cls, value, name))
+        if isinstance(self.proposal_head.strides, list):
+            self.proposal_head.strides = tuple(self.proposal_head.strides)
+        self.validate()
+
+    @property
+    def lm_family(self) -> str:
+        """``"encoder-decoder"`` for T5-like LMs, ``"decoder-only"`` for causal LMs."""
+        return "encoder-decoder" if self.lm.get("is_encoder_decoder") else "decoder-only"
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first inconsistency found."""
+        for part in ("sam", "semantic", "lm"):
+            if not getattr(self, part).get("model_type"):
+                raise ConfigError(f"config.{part} needs a 'model_type' (a Hugging Face config dict)")
+        if self.image_size <= 0:
+            raise ConfigError(f"image_size must be positive, got {self.image_size}")
+        ex = self.extractor
+        if ex.width % ex.heads or (ex.width // ex.attention_downsample) % ex.heads:
+            raise ConfigError(
+                f"extractor.width {ex.width} must be divisible by extractor.heads {ex.heads} "
+                f"(also after attention_downsample {ex.attention_downsample})"
+            )
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        vision = self.sam.get("vision_config", {})
+        prompt = self.sam.get("prompt_encoder_config", {})
+        if vision.get("image_size") != self.image_size or prompt.get("image_size") != self.image_size:
+            raise ConfigError(
+                f"sam vision/prompt image_size ({vision.get('image_size')}, {prompt.get('image_size')}) "
+                f"must equal image_size {self.image_size}"
+            )
+        grid = self.image_size // vision.get("patch_size", 16)
+        if prompt.get("image_embedding_size") != grid:
+            raise ConfigError(
+                f"sam prompt_encoder_config.image_embedding_size {prompt.get('image_embedding_size')} "
+                f"must equal the SAM grid {grid} (image_size // patch_size)"
+            )
+        if vision.get("output_channels") != prompt.get("hidden_size"):
+            raise ConfigError(
+                f"sam vision output_channels {vision.get('output_channels')} must equal the prompt "
+                f"encoder hidden_size {prompt.get('hidden_size')}"
+            )
+        if self.semantic.get("image_size") != self.image_size:
+            raise ConfigError(
+                f"semantic image_size {self.semantic.get('image_size')} must equal image_size {self.image_size}"
+            )
+        missing = {"trace", "refer", "region"} - set(self.prompts)
+        if missing:
+            raise ConfigError(f"prompts lacks {sorted(missing)}")
+        if "{expression}" not in self.prompts["refer"]:
+            raise ConfigError("prompts['refer'] must contain '{expression}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` atomically into ``directory``."""
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:
+        return _dataclass_from_dict(cls, data, "config")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PixelLLMConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: a checkpoint directory needs {CONFIG_NAME}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+_NESTED = {
+    "extractor": ExtractorConfig,
+    "location_head": LocationHeadConfig,
+    "mask_head": MaskHeadConfig,
+    "proposal_head": ProposalHeadConfig,
+}
+
+
+def _dataclass_from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+def _sam(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, window: int,
+         global_attn: list[int], out_channels: int, mlp_ratio: float = 4.0,
+         decoder_layers: int = 2, decoder_heads: int = 8, decoder_mlp: int = 2048) -> dict[str, Any]:
+    from transformers import SamConfig
+
+    grid = image_size // patch
+    config = SamConfig(
+        vision_config=dict(
+            image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=depth,
+            num_attention_heads=heads, window_size=window, global_attn_indexes=global_attn,
+            output_channels=out_channels, mlp_dim=int(hidden * mlp_ratio),
+        ),
+        prompt_encoder_config=dict(
+            image_size=image_size, image_embedding_size=grid, hidden_size=out_channels,
+            mask_input_channels=max(out_channels // 16, 4),
+        ),
+        mask_decoder_config=dict(
+            hidden_size=out_channels, num_hidden_layers=decoder_layers,
+            num_attention_heads=decoder_heads, mlp_dim=decoder_mlp,
+            iou_head_hidden_dim=out_channels,
+        ),
+    )
+    return config.to_dict()
+
+
+def _clip(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, mlp: int) -> dict[str, Any]:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=depth,
+        num_attention_heads=heads, intermediate_size=mlp, projection_dim=hidden,
+    ).to_dict()
+
+
+def _t5(*, vocab: int, d_model: int, d_ff: int, layers: int, heads: int, d_kv: int,
+        pad: int = 0, eos: int = 1) -> dict[str, Any]:
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab, d_model=d_model, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
+        num_heads=heads, d_kv=d_kv, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, dropout_rate=0.0,
+    ).to_dict()
+
+
+def _tiny() -> PixelLLMConfig:
+    size = 160
+    return PixelLLMConfig(
+        image_size=size,
+        sam=_sam(size, hidden=64, depth=2, heads=2, patch=8, window=5, global_attn=[1],
+                 out_channels=64, decoder_layers=2, decoder_heads=4, decoder_mlp=256),
+        semantic=_clip(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
+        lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32),
+        extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128),
+        location_head=LocationHeadConfig(hidden=128, depth=3),
+        mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
+        proposal_head=ProposalHeadConfig(width=64, strides=(8, 16)),
+        freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
+        lora_rank=0,
+        max_text_tokens=64,
+    )
+
+
+def _base() -> PixelLLMConfig:
+    size = 384
+    return PixelLLMConfig(
+        image_size=size,
+        sam=_sam(size, hidden=768, depth=12, heads=12, patch=16, window=14, global_attn=[2, 5, 8, 11],
+                 out_channels=256),
+        semantic=_clip(size, hidden=768, depth=12, heads=12, patch=16, mlp=3072),
+        lm=_t5(vocab=32128, d_model=768, d_ff=2048, layers=12, heads=12, d_kv=64),
+        extractor=ExtractorConfig(depth=2, width=512, heads=8, mlp_dim=2048),
+        lora_rank=16,
+    )
+
+
+def _paper() -> PixelLLMConfig:
+    size = 384
+    return PixelLLMConfig(
+        image_size=size,
+        sam=_sam(size, hidden=1280, depth=32, heads=16, patch=16, window=14,
+                 global_attn=[7, 15, 23, 31], out_channels=256),
+        semantic=_clip(size, hidden=1024, depth=24, heads=16, patch=14, mlp=4096),
+        lm=_t5(vocab=32128, d_model=2048, d_ff=5120, layers=24, heads=32, d_kv=64),
+        extractor=ExtractorConfig(depth=6, width=512, heads=8, mlp_dim=2048),
+        lora_rank=32,
+    )
+
+
+PRESETS = {"tiny": _tiny, "base": _base, "paper": _paper}
+
+
+def preset(name: str, **overrides: Any) -> PixelLLMConfig:
+    """Return a fresh config of the named preset, with top-level fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[name]()
+    if overrides:
+        config = PixelLLMConfig.from_dict({**config.to_dict(), **overrides})
+    return config
