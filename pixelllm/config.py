@@ -103,6 +103,8 @@ class PixelLLMConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _dataclass_from_dict(cls, value, name))
+        for part in ("sam", "semantic", "lm"):  # JSON-normal form (e.g. id2label keys become strings)
+            setattr(self, part, json.loads(json.dumps(getattr(self, part))))
         if isinstance(self.proposal_head.strides, list):
             self.proposal_head.strides = tuple(self.proposal_head.strides)
         self.validate()
@@ -140,10 +142,11 @@ class PixelLLMConfig:
                 f"sam prompt_encoder_config.image_embedding_size {prompt.get('image_embedding_size')} "
                 f"must equal the SAM grid {grid} (image_size // patch_size)"
             )
-        if vision.get("output_channels") != prompt.get("hidden_size"):
+        widths = (vision.get("output_channels"), prompt.get("hidden_size"), 2 * vision.get("num_pos_feats", 0))
+        if len(set(widths)) != 1:
             raise ConfigError(
-                f"sam vision output_channels {vision.get('output_channels')} must equal the prompt "
-                f"encoder hidden_size {prompt.get('hidden_size')}"
+                f"sam widths disagree: vision output_channels {widths[0]}, prompt encoder hidden_size "
+                f"{widths[1]}, 2 x num_pos_feats {widths[2]} must be equal"
             )
         if self.semantic.get("image_size") != self.image_size:
             raise ConfigError(
@@ -219,7 +222,7 @@ def _sam(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, wi
         vision_config=dict(
             image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=depth,
             num_attention_heads=heads, window_size=window, global_attn_indexes=global_attn,
-            output_channels=out_channels, mlp_dim=int(hidden * mlp_ratio),
+            output_channels=out_channels, mlp_dim=int(hidden * mlp_ratio), num_pos_feats=out_channels // 2,
         ),
         prompt_encoder_config=dict(
             image_size=image_size, image_embedding_size=grid, hidden_size=out_channels,
@@ -231,7 +234,7 @@ def _sam(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, wi
             iou_head_hidden_dim=out_channels,
         ),
     )
-    return config.to_dict()
+    return config.to_diff_dict()
 
 
 def _clip(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, mlp: int) -> dict[str, Any]:
@@ -240,18 +243,18 @@ def _clip(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, m
     return CLIPVisionConfig(
         image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=depth,
         num_attention_heads=heads, intermediate_size=mlp, projection_dim=hidden,
-    ).to_dict()
+    ).to_diff_dict()
 
 
-def _t5(*, vocab: int, d_model: int, d_ff: int, layers: int, heads: int, d_kv: int,
+def _t5(*, vocab: int, d_model: int, d_ff: int, layers: int, heads: int, d_kv: int, tied: bool = False,
         pad: int = 0, eos: int = 1) -> dict[str, Any]:
     from transformers import T5Config
 
     return T5Config(
         vocab_size=vocab, d_model=d_model, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
-        num_heads=heads, d_kv=d_kv, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        num_heads=heads, d_kv=d_kv, feed_forward_proj="gated-gelu", tie_word_embeddings=tied,
         pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, dropout_rate=0.0,
-    ).to_dict()
+    ).to_diff_dict()
 
 
 def _tiny() -> PixelLLMConfig:
@@ -261,7 +264,7 @@ def _tiny() -> PixelLLMConfig:
         sam=_sam(size, hidden=64, depth=2, heads=2, patch=8, window=5, global_attn=[1],
                  out_channels=64, decoder_layers=2, decoder_heads=4, decoder_mlp=256),
         semantic=_clip(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
-        lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32),
+        lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True),
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128),
         location_head=LocationHeadConfig(hidden=128, depth=3),
         mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),

@@ -1,0 +1,178 @@
+"""PixelLLM: composes its parts, computes the losses, saves and loads checkpoints."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from pixelllm.config import CONFIG_NAME, PixelLLMConfig
+from pixelllm.errors import CheckpointError
+from pixelllm.model.extractor import PromptFeatureExtractor
+from pixelllm.model.heads import LocationHead
+from pixelllm.model.language import LanguageModel
+from pixelllm.model.losses import location_l1, smoothed_cross_entropy
+from pixelllm.model.prompt import PromptEncoder
+from pixelllm.model.vision import DualImageEncoder
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ImageFeatures:
+    """An encoded batch of images, reusable for any number of prompts.
+
+    ``features (B, C, G, G)``: the concatenated SAM + semantic map. ``sam_embeddings (B, 256, g, g)``:
+    SAM's own map, for the mask decoder. ``valid_size (B, 2)``: width and height of the resized
+    image on the canvas, in pixels.
+    """
+
+    features: torch.Tensor
+    sam_embeddings: torch.Tensor
+    valid_size: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> ImageFeatures:
+        return ImageFeatures(self.features[index], self.sam_embeddings[index], self.valid_size[index])
+
+
+@dataclass
+class PixelLLMOutput:
+    """Training outputs.
+
+    ``loss``: the weighted total. ``losses``: each term before weighting. ``logits (N, L, V)``:
+    ``logits[:, j]`` predicts ``labels[:, j]``. ``token_boxes (N, L - 1, 4)``: canvas-pixel box of
+    ``labels[:, j]`` (the last label is EOS or padding and has none).
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    token_boxes: torch.Tensor | None = None
+
+
+class PixelLLM(nn.Module):
+    """The pixel-aligned language model.
+
+    Receives its parts (see ``pixelllm.model.build`` for the builders):
+    ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
+    ``language`` (LM adapter), ``location_head``; and the tokenizer of the LM.
+    """
+
+    def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
+                 extractor: PromptFeatureExtractor, language: LanguageModel, location_head: LocationHead,
+                 tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.prompt_encoder = prompt_encoder
+        self.extractor = extractor
+        self.language = language
+        self.location_head = location_head
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.extractor.output_tokens.device
+
+    # ------------------------------------------------------------------------------------------
+    # Forward pieces, usable one at a time (encode an image once, prompt it many times)
+
+    def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> ImageFeatures:
+        """``(B, 3, S, S)`` canvas images in [0, 1] and ``(B, S, S)`` masks -> ``ImageFeatures``."""
+        features, sam_embeddings = self.vision(pixel_values, pixel_mask)
+        valid_size = torch.stack([pixel_mask.any(1).sum(-1), pixel_mask.any(2).sum(-1)], dim=-1)
+        return ImageFeatures(features, sam_embeddings, valid_size.to(features.dtype))
+
+    def visual_tokens(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                      is_point: torch.Tensor) -> torch.Tensor:
+        """Visual tokens of ``N`` location prompts: ``(N, num_tokens, D_lm)``.
+
+        Args:
+            images: encoded images. image_index: ``(N,)`` image of each prompt.
+            boxes: ``(N, 4)`` canvas pixels (a point prompt uses ``boxes[:, :2]``). is_point: ``(N,)``.
+        """
+        grid = images.features.shape[-1]
+        return self.extractor(
+            images.features, image_index, self.prompt_encoder(boxes, is_point),
+            self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
+        )
+
+    def token_boxes(self, hidden: torch.Tensor, valid_size: torch.Tensor) -> torch.Tensor:
+        """Boxes ``(N, L, 4)`` in canvas pixels from hidden states ``(N, L, D)``."""
+        return self.location_head(hidden, valid_size)
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, batch: dict) -> PixelLLMOutput:
+        """Losses of a collated batch (keys as in ``docs/architecture.md``, "The batch contract")."""
+        images = self.encode_images(batch["pixel_values"], batch["pixel_mask"])
+        index = batch["prompt_image_index"]
+        visual = self.visual_tokens(images, index, batch["prompt_boxes"], batch["prompt_is_point"])
+        labels = batch["labels"]
+        hidden, logits = self.language(visual, batch["input_ids"], batch["attention_mask"], labels)
+        # The state whose input is labels[:, j] (position j + 1) locates labels[:, j].
+        token_boxes = self.token_boxes(hidden[:, 1:], images.valid_size[index])
+        losses = {
+            "text": smoothed_cross_entropy(logits, labels, batch["caption_weight"], self.config.label_smoothing),
+            "location": location_l1(token_boxes, batch["label_boxes"][:, :-1], batch["label_box_mask"][:, :-1],
+                                    batch["location_weight"]),
+        }
+        loss = losses["text"] + self.config.location_loss_weight * losses["location"]
+        return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
+
+    # ------------------------------------------------------------------------------------------
+    # Parameters and checkpoints
+
+    def num_parameters(self, trainable: bool | None = None) -> int:
+        """Count parameters: all (``None``), only trainable (``True``) or only frozen (``False``)."""
+        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files; each file atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
+            save_model(self, os.path.join(tmp, WEIGHTS_NAME))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            self.config.save(tmp)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME):  # config last
+                os.replace(os.path.join(tmp, name), directory / name)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> PixelLLM:
+        """Load a directory written by ``save_pretrained`` (safetensors only: no pickle)."""
+        from pixelllm.model.build import build_model
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist")
+        weights = directory / WEIGHTS_NAME
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint directory {directory} lacks {', '.join(missing)}")
+        config = PixelLLMConfig.load(directory)
+        model = build_model(config, tokenizer=_load_tokenizer(directory))
+        try:
+            load_model(model, weights, strict=True)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()
+            raise CheckpointError(f"{weights} does not match its config.json: {first[0] if first else exc}") from None
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+
+def _load_tokenizer(directory: Path):
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,82 @@
+"""Small builders shared by the tests: tiny configs, tokenizers, models and batches."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaConfig
+
+from pixelllm.config import PixelLLMConfig, preset
+from pixelllm.model import build_model
+from pixelllm.tokenization import encode_prompt, encode_target, train_tokenizer
+
+CORPUS = [
+    "In this image we can see a large red circle on the left, and below it a small blue star.",
+    "where is the green square above the yellow triangle",
+    "an object of a small purple hexagon next to an orange diamond and a white circle",
+    "A long image caption: a black star, a red square and a blue triangle.",
+]
+
+
+@functools.cache
+def tokenizer():
+    return train_tokenizer(CORPUS * 4, vocab_size=200)
+
+
+def llama_lm_config(vocab: int = 256) -> dict:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
+    ).to_dict()
+
+
+def tiny_config(family: str = "t5", frozen: bool = False) -> PixelLLMConfig:
+    """The tiny preset; ``family`` "llama" swaps in a causal LM; ``frozen`` uses the paper's freezing."""
+    config = preset("tiny")
+    data = config.to_dict()
+    data["lm"]["vocab_size"] = 256
+    if family == "llama":
+        data["lm"] = llama_lm_config()
+    if frozen:
+        data.update(freeze_sam=True, lora_rank=4)
+    return PixelLLMConfig.from_dict(data)
+
+
+def tiny_model(family: str = "t5", frozen: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(family, frozen), tokenizer=tokenizer())
+
+
+def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
+    """Two images (one landscape-padded), three prompts: a traced caption, a point prompt, a refer."""
+    gen = torch.Generator().manual_seed(seed)
+    tok = tokenizer()
+    size = config.image_size
+    pixel_mask = torch.ones(2, size, size, dtype=torch.bool)
+    pixel_mask[1, size * 3 // 4 :] = False
+    pixel_values = torch.rand(2, 3, size, size, generator=gen) * pixel_mask[:, None]
+    prompts = ["A long image caption:", "an object of", "where is the red circle"]
+    targets = ["a large red circle and a small blue star.", "a white circle", "the red circle"]
+    prompt_ids = [encode_prompt(tok, p) for p in prompts]
+    target_ids = [encode_target(tok, t).ids for t in targets]
+    lp, lt = max(map(len, prompt_ids)), max(map(len, target_ids))
+    input_ids = torch.full((3, lp), tok.pad_token_id)
+    attention_mask = torch.zeros(3, lp, dtype=torch.long)
+    labels = torch.full((3, lt), -100)
+    for i, (p, t) in enumerate(zip(prompt_ids, target_ids, strict=True)):
+        input_ids[i, : len(p)] = torch.tensor(p)
+        attention_mask[i, : len(p)] = 1
+        labels[i, : len(t)] = torch.tensor(t)
+    label_boxes = torch.rand(3, lt, 4, generator=gen).sort(-1).values * size
+    label_box_mask = labels >= 0
+    label_box_mask[:, -1] = False
+    return {
+        "pixel_values": pixel_values, "pixel_mask": pixel_mask,
+        "prompt_image_index": torch.tensor([0, 0, 1]),
+        "prompt_boxes": torch.tensor([[0.0, 0, size, size], [40, 50, 40, 50], [0, 0, size, size * 3 / 4]]),
+        "prompt_is_point": torch.tensor([False, True, False]),
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        "label_boxes": label_boxes, "label_box_mask": label_box_mask,
+        "caption_weight": torch.tensor([1.0, 1.0, 0.0]), "location_weight": torch.tensor([1.0, 0.0, 1.0]),
+    }

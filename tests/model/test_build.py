@@ -1,0 +1,159 @@
+"""Builders: real Hugging Face checkpoint layouts, the paper preset, and clear errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_batch, tiny_config, tokenizer
+from transformers import CLIPVisionConfig, CLIPVisionModel, SamConfig, SamModel, T5Config, T5ForConditionalGeneration
+
+from pixelllm.config import PixelLLMConfig, preset
+from pixelllm.errors import CheckpointError, ConfigError
+from pixelllm.model import PixelLLM, build_from_pretrained_parts, build_model
+
+NATIVE = 256  # the tiny SAM / CLIP checkpoints' own canvas; the model runs at 160
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny SAM, CLIP and T5 checkpoints written with transformers' own save_pretrained."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    sam = SamModel(SamConfig(
+        vision_config=dict(image_size=NATIVE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, window_size=4, global_attn_indexes=[1], output_channels=64,
+                           mlp_dim=64, num_pos_feats=32),
+        prompt_encoder_config=dict(image_size=NATIVE, image_embedding_size=NATIVE // 8, hidden_size=64,
+                                   mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, mlp_dim=64,
+                                 iou_head_hidden_dim=64),
+    ))
+    with torch.no_grad():  # non-trivial tables, so that resizing is visible
+        sam.vision_encoder.pos_embed.normal_()
+        for layer in sam.vision_encoder.layers:
+            layer.attn.rel_pos_h.normal_()
+            layer.attn.rel_pos_w.normal_()
+    sam.save_pretrained(root / "sam")
+    clip = CLIPVisionModel(CLIPVisionConfig(image_size=NATIVE, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=96))
+    clip.save_pretrained(root / "clip")
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=256, d_model=64, d_ff=128, num_layers=2, num_heads=4,
+                                             d_kv=16, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                             decoder_start_token_id=0))
+    t5.save_pretrained(root / "t5")
+    tokenizer().save_pretrained(root / "t5")
+    return root, sam, clip, t5
+
+
+def test_sam_loads_at_a_smaller_canvas_with_resized_tables(checkpoints):
+    root, sam, clip, t5 = checkpoints
+    config = tiny_config(frozen=True)
+    model = build_from_pretrained_parts(config, sam=root / "sam", semantic=root / "clip", lm=root / "t5")
+    grid = config.image_size // 8  # 20, from 32
+    encoder = model.vision.sam
+    assert encoder.pos_embed.shape == (1, grid, grid, 32)
+    expected = F.interpolate(sam.vision_encoder.pos_embed.permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic")
+    torch.testing.assert_close(encoder.pos_embed, expected.permute(0, 2, 3, 1))
+    global_rel = encoder.layers[1].attn.rel_pos_h
+    assert global_rel.shape == (2 * grid - 1, 16)
+    torch.testing.assert_close(
+        global_rel, F.interpolate(sam.vision_encoder.layers[1].attn.rel_pos_h.T[None], size=2 * grid - 1,
+                                  mode="linear")[0].T)
+    torch.testing.assert_close(encoder.layers[0].attn.rel_pos_h, sam.vision_encoder.layers[0].attn.rel_pos_h)
+    torch.testing.assert_close(encoder.layers[0].mlp.lin1.weight, sam.vision_encoder.layers[0].mlp.lin1.weight)
+    # the frozen branch really is frozen, and the config records the loaded parts at the new size
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert model.config.sam["vision_config"]["image_size"] == config.image_size
+    assert model.config.semantic["hidden_size"] == 48
+    # the semantic tower's patch positions were resized too, and the LM weights are the checkpoint's
+    assert model.vision.semantic.embeddings.position_embedding.weight.shape == (1 + grid * grid, 48)
+    lm = model.language.model
+    torch.testing.assert_close(lm.shared.weight, t5.shared.weight)
+    out = model(make_batch(model.config))
+    assert torch.isfinite(out.loss)
+
+
+def test_composed_checkpoint_round_trips(checkpoints, tmp_path):
+    root, *_ = checkpoints
+    model = build_from_pretrained_parts(tiny_config(frozen=True), sam=root / "sam", semantic=root / "clip",
+                                        lm=root / "t5").eval()
+    batch = make_batch(model.config)
+    model.save_pretrained(tmp_path / "pixelllm")
+    loaded = PixelLLM.from_pretrained(tmp_path / "pixelllm")
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, loaded(batch).logits)
+
+
+def test_paper_preset_counts():
+    with torch.device("meta"):
+        model = build_model(preset("paper"))
+    sam = sum(p.numel() for p in model.vision.sam.parameters())
+    semantic = sum(p.numel() for p in model.vision.semantic.parameters())
+    lm = sum(p.numel() for n, p in model.language.named_parameters() if "lora_" not in n)
+    assert 0.60e9 < sam < 0.66e9  # SAM ViT-H image encoder
+    assert 0.28e9 < semantic < 0.32e9  # ViT-L/14
+    assert 2.7e9 < lm < 2.9e9  # Flan-T5-XL
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # rank 32 on q and v of 24 encoder self-, 24 decoder self- and 24 cross-attention layers, 2048 wide
+    assert lora == 3 * 24 * 2 * 32 * (2048 + 2048)
+    assert model.num_parameters(trainable=False) >= sam + lm
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+
+
+def test_mismatched_widths():
+    data = preset("tiny").to_dict()
+    data["sam"]["prompt_encoder_config"]["hidden_size"] = 32
+    with pytest.raises(ConfigError, match="sam widths disagree"):
+        PixelLLMConfig.from_dict(data)
+    data = preset("tiny").to_dict()
+    data["extractor"]["heads"] = 5
+    with pytest.raises(ConfigError, match="divisible"):
+        PixelLLMConfig.from_dict(data)
+    data = preset("tiny").to_dict()
+    data["semantic"]["image_size"] = 224
+    with pytest.raises(ConfigError, match="semantic image_size 224"):
+        PixelLLMConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        PixelLLMConfig.from_dict({**preset("tiny").to_dict(), "colour": 1})
+
+
+def test_tokenizer_larger_than_vocabulary():
+    data = preset("tiny").to_dict()
+    data["lm"]["vocab_size"] = 50
+    with pytest.raises(ConfigError, match="tokenizer has 200 tokens"):
+        build_model(PixelLLMConfig.from_dict(data), tokenizer=tokenizer())
+
+
+def test_checkpoint_missing_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        PixelLLM.from_pretrained(tmp_path / "nowhere")
+    preset("tiny").save(tmp_path)
+    with pytest.raises(CheckpointError, match="lacks model.safetensors"):
+        PixelLLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        PixelLLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_weights_that_do_not_match(tmp_path):
+    model = build_model(tiny_config())
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["location_head"]["hidden"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        PixelLLM.from_pretrained(tmp_path)
+
+
+def test_hugging_face_directory_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no downloads"):
+        build_from_pretrained_parts(tiny_config(), sam=tmp_path / "facebook-sam-vit-huge")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="lacks config.json"):
+        build_from_pretrained_parts(tiny_config(), lm=tmp_path / "empty")

@@ -1,0 +1,68 @@
+"""Losses: tokens without targets are ignored, and each task gate switches its term off."""
+
+import math
+
+import torch
+from helpers import make_batch, tiny_model
+
+from pixelllm.model.losses import location_l1, smoothed_cross_entropy
+
+
+def test_smoothed_cross_entropy_by_hand():
+    # Two classes, uniform logits: -log(1/2) for the true class and the other alike.
+    logits = torch.zeros(1, 2, 2)
+    labels = torch.tensor([[1, -100]])
+    loss = smoothed_cross_entropy(logits, labels, torch.ones(1), smoothing=0.1)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+    # V = 3, logits (2, 0, 0), label 0: logp = (2 - lse, -lse, -lse), lse = log(e^2 + 2)
+    logits = torch.tensor([[[2.0, 0.0, 0.0]]])
+    lse = math.log(math.exp(2) + 2)
+    expected = -(0.9 * (2 - lse) + 0.05 * (-lse) * 2)
+    loss = smoothed_cross_entropy(logits, torch.tensor([[0]]), torch.ones(1), smoothing=0.1)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
+def test_location_l1_by_hand():
+    pred = torch.tensor([[[0.0, 0, 10, 10], [5, 5, 5, 5]]])
+    target = torch.tensor([[[1.0, 2, 13, 14], [100, 100, 100, 100]]])
+    mask = torch.tensor([[True, False]])
+    assert math.isclose(location_l1(pred, target, mask, torch.ones(1)).item(), (1 + 2 + 3 + 4) / 4)
+    assert location_l1(pred, target, mask, torch.zeros(1)).item() == 0
+
+
+def test_loss_ignores_tokens_without_targets():
+    model = tiny_model().eval()
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        base = model(batch).losses
+        changed = dict(batch)
+        boxes = batch["label_boxes"].clone()
+        boxes[~batch["label_box_mask"]] = 1e4  # only where there is no target
+        changed["label_boxes"] = boxes
+        other = model(changed).losses
+    assert torch.equal(base["location"], other["location"])
+    assert torch.equal(base["text"], other["text"])
+    with torch.no_grad():
+        boxes = batch["label_boxes"].clone()
+        boxes[batch["label_box_mask"]] += 7.0
+        changed["label_boxes"] = boxes
+        assert not torch.equal(base["location"], model(changed).losses["location"])
+
+
+def test_task_gates_switch_terms_off():
+    model = tiny_model().eval()
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        off = dict(batch, caption_weight=torch.zeros(3))
+        out = model(off)
+        assert out.losses["text"].item() == 0 and out.losses["location"].item() > 0
+        off = dict(batch, location_weight=torch.zeros(3))
+        out = model(off)
+        assert out.losses["location"].item() == 0 and out.losses["text"].item() > 0
+        assert math.isclose(out.loss.item(), out.losses["text"].item(), rel_tol=1e-6)
+        # gating a prompt off gives the loss of the batch without that prompt's tokens
+        one_off = model(dict(batch, caption_weight=torch.tensor([1.0, 0.0, 0.0]))).losses["text"]
+        dropped = batch["labels"].clone()
+        dropped[1:] = -100
+        only_first = model(dict(batch, labels=dropped, caption_weight=torch.ones(3))).losses["text"]
+        torch.testing.assert_close(one_off, only_first)

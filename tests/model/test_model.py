@@ -1,0 +1,91 @@
+"""The composed model: shapes, gradients, independence of the location head, checkpoints."""
+
+import pytest
+import torch
+from helpers import make_batch, tiny_model
+
+FAMILIES = ["t5", "llama"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_shapes(family):
+    model = tiny_model(family)
+    batch = make_batch(model.config)
+    out = model(batch)
+    n, length = batch["labels"].shape
+    vocab = model.language.vocab_size
+    assert out.logits.shape == (n, length, vocab)
+    assert out.token_boxes.shape == (n, length - 1, 4)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
+    grid = model.vision.grid
+    assert images.features.shape == (2, model.vision.out_channels, grid, grid)
+    # the second image is 3/4 as high as the canvas
+    size = model.config.image_size
+    assert images.valid_size.tolist() == [[size, size], [size, size * 3 // 4]]
+    visual = model.visual_tokens(images, batch["prompt_image_index"], batch["prompt_boxes"], batch["prompt_is_point"])
+    assert visual.shape == (n, model.config.extractor.num_tokens, model.language.hidden_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_exactly_the_trainable_parameters(family):
+    model = tiny_model(family, frozen=True).train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower.
+    for name in trainable:
+        assert name.startswith(("extractor.", "location_head.", "vision.semantic.")) or "lora_" in name, name
+    lora = {name for name in trainable if "lora_" in name}
+    q_v = ("q", "v") if family == "t5" else ("q_proj", "v_proj")
+    assert lora and all(name.split(".lora_")[0].rsplit(".", 1)[-1] in q_v for name in lora)
+    if family == "t5":  # encoder self-attention, decoder self- and cross-attention
+        assert any(".encoder." in n for n in lora) and any(".decoder." in n for n in lora)
+        assert any("EncDecAttention" in n for n in lora)
+    assert any(n.startswith("vision.sam.") for n in frozen)
+    assert any(n.startswith("prompt_encoder.") for n in frozen)
+    assert any(n.startswith("language.") and "lora_" not in n for n in frozen)
+    # frozen towers run in eval mode even while the model trains
+    assert not model.vision.sam.training and not model.language.model.training
+    assert model.vision.semantic.training and model.extractor.training
+
+    model(make_batch(model.config)).loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"no gradient reached {name}"
+        else:
+            assert p.grad is None, f"frozen {name} got a gradient"
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_location_head_never_changes_the_text():
+    model = tiny_model("t5").eval()
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        before = model(batch)
+        for p in model.location_head.parameters():
+            p.add_(torch.randn_like(p))
+        after = model(batch)
+    assert torch.equal(before.logits, after.logits)
+    assert not torch.allclose(before.token_boxes, after.token_boxes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(tmp_path, family):
+    model = tiny_model(family, frozen=True).eval()
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        model.location_head.mlp[-1].bias.add_(0.5)  # weights that differ from a fresh init
+        expected = model(batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not any(name.startswith(".") for name in names), "temporary files left behind"
+    from pixelllm.model import PixelLLM
+
+    loaded = PixelLLM.from_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        got = loaded(batch)
+    assert torch.equal(expected.logits, got.logits)
+    assert torch.equal(expected.token_boxes, got.token_boxes)
+    assert loaded.tokenizer("a red circle")["input_ids"] == model.tokenizer("a red circle")["input_ids"]
+    assert loaded.config.to_dict() == model.config.to_dict()
