@@ -67,7 +67,7 @@ class ProposalHeadConfig:
     """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
 
     width: int = 256
-    strides: tuple[int, ...] = (8, 16, 32)  # in canvas pixels
+    scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # pyramid levels, relative to the fused feature map
     max_proposals: int = 100
     nms_iou: float = 0.5
     score_threshold: float = 0.05
@@ -105,8 +105,8 @@ class PixelLLMConfig:
                 setattr(self, name, _dataclass_from_dict(cls, value, name))
         for part in ("sam", "semantic", "lm"):  # JSON-normal form (e.g. id2label keys become strings)
             setattr(self, part, json.loads(json.dumps(getattr(self, part))))
-        if isinstance(self.proposal_head.strides, list):
-            self.proposal_head.strides = tuple(self.proposal_head.strides)
+        if isinstance(self.proposal_head.scales, list):
+            self.proposal_head.scales = tuple(self.proposal_head.scales)
         self.validate()
 
     @property
@@ -268,7 +268,7 @@ def _tiny() -> PixelLLMConfig:
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128),
         location_head=LocationHeadConfig(hidden=128, depth=3),
         mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
-        proposal_head=ProposalHeadConfig(width=64, strides=(8, 16)),
+        proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5)),
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
         max_text_tokens=64,
