@@ -59,7 +59,7 @@ class MaskHeadConfig:
     num_tokens: int = 2  # one per SAM box-corner token it is added to
     depth: int = 2
     heads: int = 8
-    mlp_dim: int = 1024
+    mlp_dim: int = 2048
 
 
 @dataclass

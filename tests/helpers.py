@@ -49,7 +49,8 @@ def tiny_model(family: str = "t5", frozen: bool = False, seed: int = 0):
 
 
 def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
-    """Two images (one landscape-padded), three prompts: a traced caption, a point prompt, a refer."""
+    """Two images (one landscape-padded), three prompts: a traced caption, a point prompt, and a
+    referring expression with a mask target."""
     gen = torch.Generator().manual_seed(seed)
     tok = tokenizer()
     size = config.image_size
@@ -71,6 +72,8 @@ def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
     label_boxes = torch.rand(3, lt, 4, generator=gen).sort(-1).values * size
     label_box_mask = labels >= 0
     label_box_mask[:, -1] = False
+    gt_masks = torch.zeros(3, size, size, dtype=torch.bool)
+    gt_masks[2, size // 4 : size // 2, size // 8 : size // 3] = True
     return {
         "pixel_values": pixel_values, "pixel_mask": pixel_mask,
         "prompt_image_index": torch.tensor([0, 0, 1]),
@@ -79,4 +82,5 @@ def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
         "label_boxes": label_boxes, "label_box_mask": label_box_mask,
         "caption_weight": torch.tensor([1.0, 1.0, 0.0]), "location_weight": torch.tensor([1.0, 0.0, 1.0]),
+        "gt_masks": gt_masks, "mask_weight": torch.tensor([0.0, 0.0, 1.0]),
     }

@@ -31,6 +31,7 @@ from pixelllm.errors import CheckpointError, ConfigError
 from pixelllm.model.extractor import PromptFeatureExtractor
 from pixelllm.model.heads import LocationHead
 from pixelllm.model.language import language_model
+from pixelllm.model.masks import MaskAdapter, MaskHead
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.vision import DualImageEncoder
@@ -70,7 +71,9 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     extractor = PromptFeatureExtractor(config.extractor, vision.out_channels, prompt_encoder.dim,
                                        language.hidden_size)
     head = LocationHead(language.hidden_size, config.location_head.hidden, config.location_head.depth)
-    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, tokenizer=tokenizer)
+    adapter = MaskAdapter(config.mask_head, language.hidden_size, prompt_encoder.dim)
+    masks = MaskHead(sam.mask_decoder, adapter, frozen=config.freeze_sam)
+    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, tokenizer=tokenizer)
 
 
 def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: str | os.PathLike | None = None,

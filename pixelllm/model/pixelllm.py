@@ -17,6 +17,7 @@ from pixelllm.model.extractor import PromptFeatureExtractor
 from pixelllm.model.heads import LocationHead
 from pixelllm.model.language import LanguageModel
 from pixelllm.model.losses import location_l1, smoothed_cross_entropy
+from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead, mask_loss, upsample_masks
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.vision import DualImageEncoder
 
@@ -60,12 +61,13 @@ class PixelLLM(nn.Module):
 
     Receives its parts (see ``pixelllm.model.build`` for the builders):
     ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
-    ``language`` (LM adapter), ``location_head``; and the tokenizer of the LM.
+    ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter); and the
+    tokenizer of the LM.
     """
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel, location_head: LocationHead,
-                 tokenizer=None):
+                 mask_head: MaskHead, tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -73,6 +75,7 @@ class PixelLLM(nn.Module):
         self.extractor = extractor
         self.language = language
         self.location_head = location_head
+        self.mask_head = mask_head
         self.tokenizer = tokenizer
 
     @property
@@ -106,6 +109,19 @@ class PixelLLM(nn.Module):
         """Boxes ``(N, L, 4)`` in canvas pixels from hidden states ``(N, L, D)``."""
         return self.location_head(hidden, valid_size)
 
+    def mask_logits(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                    visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """Canvas-size mask logits ``(N, S, S)`` and predicted IoU ``(N,)`` for ``N`` boxes.
+
+        Args:
+            boxes: ``(N, 4)`` canvas pixels (the box predicted at the expression's last word).
+            visual: ``(N, V, D)`` the prompts' visual tokens. text: ``(N, L, D)`` the LM's hidden
+            states whose inputs are the expression's tokens; text_mask: ``(N, L)`` bool.
+        """
+        low_res, iou = self.mask_head(self.prompt_encoder, images.sam_embeddings[image_index], boxes, visual,
+                                      text, text_mask)
+        return upsample_masks(low_res, self.config.image_size), iou
+
     # ------------------------------------------------------------------------------------------
     # Training
 
@@ -124,7 +140,26 @@ class PixelLLM(nn.Module):
                                     batch["location_weight"]),
         }
         loss = losses["text"] + self.config.location_loss_weight * losses["location"]
+        if "gt_masks" in batch and bool((batch["mask_weight"] > 0).any()):
+            losses.update(self._mask_losses(batch, images, visual, hidden, token_boxes))
+            loss = loss + FOCAL_WEIGHT * losses["mask_focal"] + DICE_WEIGHT * losses["mask_dice"] \
+                + IOU_WEIGHT * losses["mask_iou"]
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
+
+    def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
+        """The mask loss of the prompts that have a mask target, prompted (as the official code)
+        with the box predicted at the last word of the teacher-forced expression."""
+        rows = (batch["mask_weight"] > 0).nonzero()[:, 0]
+        labels = batch["labels"][rows]
+        last_word = (labels >= 0).sum(1) - 2  # the token just before EOS
+        boxes = token_boxes[rows, last_word].detach()
+        inputs = labels[:, :-1]
+        text_mask = (inputs >= 0) & (inputs != self.language.eos_token_id)
+        logits, iou = self.mask_logits(images, batch["prompt_image_index"][rows], boxes, visual[rows],
+                                       hidden[rows, 1:], text_mask)
+        valid = batch["pixel_mask"][batch["prompt_image_index"][rows]]
+        terms = mask_loss(logits, iou, batch["gt_masks"][rows], valid, batch["mask_weight"][rows])
+        return {f"mask_{name}": value for name, value in terms.items()}
 
     # ------------------------------------------------------------------------------------------
     # Parameters and checkpoints

@@ -12,6 +12,7 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
+    assert {"text", "location", "mask_focal", "mask_dice", "mask_iou"} <= set(out.losses)
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
@@ -32,9 +33,10 @@ def test_gradients_reach_exactly_the_trainable_parameters(family):
     model = tiny_model(family, frozen=True).train()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower.
+    # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower, mask adapter.
     for name in trainable:
-        assert name.startswith(("extractor.", "location_head.", "vision.semantic.")) or "lora_" in name, name
+        assert name.startswith(("extractor.", "location_head.", "vision.semantic.", "mask_head.adapter.")) \
+            or "lora_" in name, name
     lora = {name for name in trainable if "lora_" in name}
     q_v = ("q", "v") if family == "t5" else ("q_proj", "v_proj")
     assert lora and all(name.split(".lora_")[0].rsplit(".", 1)[-1] in q_v for name in lora)
@@ -43,9 +45,10 @@ def test_gradients_reach_exactly_the_trainable_parameters(family):
         assert any("EncDecAttention" in n for n in lora)
     assert any(n.startswith("vision.sam.") for n in frozen)
     assert any(n.startswith("prompt_encoder.") for n in frozen)
+    assert any(n.startswith("mask_head.decoder.") for n in frozen)
     assert any(n.startswith("language.") and "lora_" not in n for n in frozen)
     # frozen towers run in eval mode even while the model trains
-    assert not model.vision.sam.training and not model.language.model.training
+    assert not model.vision.sam.training and not model.language.model.training and not model.mask_head.decoder.training
     assert model.vision.semantic.training and model.extractor.training
 
     model(make_batch(model.config)).loss.backward()

@@ -1,0 +1,141 @@
+"""Referring segmentation: SAM's mask decoder prompted with the predicted box, plus the mask adapter.
+
+The adapter (from the official code) lets the prompt's visual tokens and the text's hidden states
+steer SAM: learned tokens attend to them through a small two-way transformer, and the result,
+gated by ``tanh(alpha)`` (alpha starts at 0, so training starts from plain SAM), is added to SAM's
+two box-corner tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SamMaskDecoderConfig
+from transformers.models.sam.modeling_sam import SamTwoWayTransformer
+
+from pixelllm.config import MaskHeadConfig
+from pixelllm.model.prompt import PromptEncoder
+
+FOCAL_WEIGHT, DICE_WEIGHT, IOU_WEIGHT = 20.0, 1.0, 1.0  # SAM's mask loss, as the official refseg stage
+
+
+class MaskAdapter(nn.Module):
+    """Learned tokens x [visual tokens ; text states] -> a gated offset for SAM's box tokens."""
+
+    def __init__(self, config: MaskHeadConfig, lm_dim: int, prompt_dim: int):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(config.num_tokens, prompt_dim))
+        self.visual_projection = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, prompt_dim))
+        self.text_projection = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, prompt_dim))
+        transformer_config = SamMaskDecoderConfig(
+            hidden_size=prompt_dim, num_hidden_layers=config.depth, num_attention_heads=config.heads,
+            mlp_dim=config.mlp_dim,
+        )
+        transformer_config._attn_implementation = "sdpa"
+        self.transformer = SamTwoWayTransformer(transformer_config)
+        self.gate = nn.Parameter(torch.zeros(config.num_tokens, prompt_dim))
+
+    def forward(self, box_tokens: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        """Adapt SAM's box tokens.
+
+        Args:
+            box_tokens: ``(N, 2, C)`` SAM corner tokens. visual: ``(N, V, D)`` the prompt's visual tokens.
+            text: ``(N, L, D)`` LM hidden states of the expression; text_mask: ``(N, L)`` bool, True on tokens.
+
+        Returns:
+            ``(N, 2, C)``.
+        """
+        n = box_tokens.shape[0]
+        keys = torch.cat([self.visual_projection(visual), self.text_projection(text)], dim=1)  # (N, K, C)
+        key_valid = torch.cat([text_mask.new_ones(visual.shape[:2]), text_mask], dim=1)
+        # Additive bias that hides padded text from the tokens (heads broadcast).
+        bias = torch.zeros(key_valid.shape, dtype=keys.dtype, device=keys.device)
+        bias = bias.masked_fill(~key_valid, float("-inf"))[:, None, None]
+        tokens = self.tokens.expand(n, -1, -1)[:, None]  # the queries start as, and are encoded by, the tokens
+        queries, keys = tokens, keys[:, None]
+        no_position = torch.zeros_like(keys)  # the official adapter gives its keys no positional encoding
+        # SamTwoWayTransformer's blocks, run here so that the final attention sees the padding bias too.
+        for layer in self.transformer.layers:
+            queries, keys, _ = layer(queries=queries, keys=keys, query_point_embedding=tokens,
+                                     key_point_embedding=no_position, attention_similarity=bias)
+        final, _ = self.transformer.final_attn_token_to_image(
+            query=queries + tokens, key=keys, value=keys, attention_similarity=bias)
+        out = self.transformer.layer_norm_final_attn(queries + final)[:, 0]
+        return box_tokens + torch.tanh(self.gate) * out
+
+
+class MaskHead(nn.Module):
+    """SAM mask decoder (``transformers``' ``SamMaskDecoder``) + ``MaskAdapter``: one mask per prompt."""
+
+    def __init__(self, sam_mask_decoder: nn.Module, adapter: MaskAdapter, frozen: bool = True):
+        super().__init__()
+        self.decoder = sam_mask_decoder
+        self.adapter = adapter
+        self.frozen = frozen
+        if frozen:
+            self.decoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MaskHead:
+        super().train(mode)
+        if self.frozen:
+            self.decoder.eval()
+        return self
+
+    def forward(self, prompt_encoder: PromptEncoder, sam_embeddings: torch.Tensor, boxes: torch.Tensor,
+                visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """Predict a mask per box.
+
+        Args:
+            prompt_encoder: the model's SAM prompt encoder (boxes, dense prompt, positional encoding).
+            sam_embeddings: ``(N, C, g, g)`` SAM's map of each prompt's image.
+            boxes: ``(N, 4)`` canvas pixels. visual, text, text_mask: as ``MaskAdapter.forward``.
+
+        Returns:
+            mask logits ``(N, 4g, 4g)`` covering the canvas, and predicted IoU ``(N,)``.
+        """
+        n, _, grid, _ = sam_embeddings.shape
+        box_tokens = prompt_encoder(boxes, torch.zeros(n, dtype=torch.bool, device=boxes.device))[:, :2]
+        sparse = self.adapter(box_tokens, visual, text, text_mask)
+        dense = prompt_encoder.no_mask_embedding(grid)[None].to(sam_embeddings.dtype)
+        position = prompt_encoder.dense_positional_encoding(grid)[None].expand(n, -1, -1, -1)
+        masks, iou = self.decoder(
+            image_embeddings=sam_embeddings, image_positional_embeddings=position,
+            sparse_prompt_embeddings=sparse[:, None], dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        return masks[:, 0, 0], iou[:, 0, 0]
+
+
+def upsample_masks(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, h, w)`` low-resolution logits -> ``(N, size, size)`` canvas logits (bilinear)."""
+    return F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def mask_loss(logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+              weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SAM's loss on canvas-size masks: focal (alpha 0.5, gamma 2) over valid pixels, dice, IoU MSE.
+
+    Args:
+        logits: ``(N, S, S)`` mask logits on the canvas. iou_pred: ``(N,)``.
+        targets: ``(N, S, S)`` bool. valid: ``(N, S, S)`` bool, the image area (padding excluded).
+        weight: ``(N,)`` per-prompt gate.
+
+    Returns:
+        ``focal``, ``dice`` and ``iou`` terms (unweighted), each averaged over gated prompts.
+    """
+    target = targets.float()
+    logits = logits.float()
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    focal = 0.5 * ce * (1 - p_t) ** 2 * valid
+    focal = focal.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
+    dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+    predicted = logits > 0
+    intersection = (predicted & targets).sum((1, 2))
+    union = (predicted | targets).sum((1, 2)).clamp(min=1)
+    iou = (iou_pred.float() - intersection / union) ** 2
+    denominator = weight.sum().clamp(min=1)
+    return {name: (term * weight).sum() / denominator for name, term in
+            (("focal", focal), ("dice", dice), ("iou", iou))}
