@@ -88,7 +88,7 @@ def interpolated_ap(true_positive: np.ndarray, num_positives: int) -> float:
 
     Args:
         true_positive: ``(P,)`` bool, one entry per ranked prediction.
-        num_positives: number of ground-truth regions.
+        num_positives: number of ground-truth regions, > 0.
     """
     if not len(true_positive):
         return 0.0
@@ -143,7 +143,7 @@ class DenseCaptioning(Metric):
             pred_captions: per image P_i captions.
             gt_boxes: per image ``(G_i, 4)``, same frame.
             gt_captions: per image G_i captions.
-            image_sizes: optional ``(B, 2)`` original ``(W, H)``; when given, predicted boxes are
+            image_sizes: optional ``(B, 2)`` or ``(2,)`` original ``(W, H)``; when given, predicted boxes are
                 clipped to the image first, as the official evaluator does.
         """
         num = check_same_length(
@@ -153,7 +153,7 @@ class DenseCaptioning(Metric):
             gt_boxes=gt_boxes,
             gt_captions=gt_captions,
         )
-        sizes = [None] * num if image_sizes is None else as_array(image_sizes).reshape(num, 2)
+        sizes = [None] * num if image_sizes is None else np.broadcast_to(as_array(image_sizes), (num, 2))
         for i in range(num):
             regions = self._ground_truth(as_boxes(gt_boxes[i]), gt_captions[i])
             if regions is None:
@@ -216,19 +216,22 @@ class DenseCaptioning(Metric):
         return scores
 
     def _values(self) -> dict[str, float]:
-        if not self._num_positives:
-            return {"mAP": float("nan"), "mAP_detection": float("nan")}
+        positives = self._num_positives
         ranked = sorted(self._detections, key=lambda d: -d.score)
         matched = np.array([d.matched for d in ranked], dtype=bool)
         ious = np.array([d.iou for d in ranked])
-        meteor = self._meteor_scores(ranked)
+        meteor = self._meteor_scores(ranked) if positives else np.zeros(len(ranked))
+
+        def ap(hit: np.ndarray) -> float:
+            return interpolated_ap(hit, positives) if positives else float("nan")
+
         captioning, detection = {}, {}
         for iou_threshold in IOU_THRESHOLDS:
             hit = matched & (ious >= iou_threshold)
-            detection[f"mAP_detection_iou{iou_threshold:.1f}"] = interpolated_ap(hit, self._num_positives)
+            detection[f"mAP_detection_iou{iou_threshold:.1f}"] = ap(hit)
             for meteor_threshold in METEOR_THRESHOLDS:
                 key = f"mAP_iou{iou_threshold:.1f}_meteor{meteor_threshold:.2f}"
-                captioning[key] = interpolated_ap(hit & (meteor > meteor_threshold), self._num_positives)
+                captioning[key] = ap(hit & (meteor > meteor_threshold))
         values = {
             "mAP": float(np.mean(list(captioning.values()))),
             "mAP_detection": float(np.mean(list(detection.values()))),

@@ -62,10 +62,10 @@ class TracePointL1(Metric):
                 original-image pixels (a box's point is its center).
             gt_points: per caption ``(T, G, 2)`` ground-truth trace points of each token, same frame.
             token_masks: per caption ``(T,)`` bool, True on tokens to score.
-            image_sizes: ``(B, 2)`` original ``(W, H)``.
+            image_sizes: ``(B, 2)`` or ``(2,)`` original ``(W, H)``.
         """
         num = check_same_length(pred_points=pred_points, gt_points=gt_points, token_masks=token_masks)
-        sizes = as_array(image_sizes).reshape(num, 2)
+        sizes = np.broadcast_to(as_array(image_sizes), (num, 2))
         for i in range(num):
             pred = as_array(pred_points[i])
             pred = pred[:, None, :] if pred.ndim == 2 else pred
