@@ -80,7 +80,7 @@ class _UncachedStepper:
 def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, prompt_boxes: torch.Tensor,
              prompt_is_point: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
              num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6,
-             use_cache: bool = True) -> GenerationOutput:
+             block_repeats: bool = True, use_cache: bool = True) -> GenerationOutput:
     """Decode a caption and its per-token boxes for each of ``N`` prompts.
 
     Args:
@@ -89,6 +89,7 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         input_ids, attention_mask: ``(N, Lp)`` text prompts.
         num_beams: 1 for greedy. max_new_tokens: at most this many tokens, EOS included.
         length_penalty: the brevity penalty's alpha (beam search only).
+        block_repeats: greedy never picks the token it just picked (the official rule).
         use_cache: False runs the official uncached algorithm (same results, far slower).
     """
     visual = model.visual_tokens(images, image_index, prompt_boxes, prompt_is_point)
@@ -107,13 +108,13 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
     if num_beams > 1:
         out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty)
     else:
-        out = _greedy(stepper, search_locate, n, max_new_tokens, eos)
+        out = _greedy(stepper, search_locate, n, max_new_tokens, eos, block_repeats)
     if not use_cache:
         out.boxes = _teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, valid_size)
     return out
 
 
-def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int) -> GenerationOutput:
+def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int, block_repeats: bool) -> GenerationOutput:
     hidden, logits = stepper.first
     rows = torch.arange(n, device=logits.device)  # prompt of each row still decoding
     sequences: list[list[int]] = [[] for _ in range(n)]
@@ -122,7 +123,7 @@ def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int) -> Generatio
     previous = None
     for _ in range(max_new_tokens):
         logits = logits.float()
-        if previous is not None:  # never repeat the previous token (the official rule, after GRiT)
+        if block_repeats and previous is not None:  # the official rule, after GRiT
             blocked = logits.gather(1, previous[:, None]).clamp(max=-1e4)
             logits = logits.scatter(1, previous[:, None], blocked)
         step_log_prob, tokens = torch.log_softmax(logits, dim=-1).max(dim=-1)
