@@ -57,6 +57,7 @@ import numpy as np
 
 from pixelllm.data.report import Reader, SkipRecord, require
 from pixelllm.data.samples import Narrative, Sample, Utterance
+from pixelllm.data.words import caption_words, word_at
 from pixelllm.errors import DataError
 from pixelllm.tokenization import EncodedTarget
 
@@ -320,31 +321,6 @@ def align_time_window(narrative: Narrative, target: EncodedTarget) -> TokenAlign
 
 
 ALIGNMENTS = {"official": align_official, "time": align_time_window}
-
-
-def caption_words(caption: str) -> list[tuple[int, int, str]]:
-    """Whitespace-separated words as ``(start, end, text)`` character spans."""
-    words, start = [], None
-    for i, ch in enumerate(caption + " "):
-        if ch.isspace():
-            if start is not None:
-                words.append((start, i, caption[start:i]))
-                start = None
-        elif start is None:
-            start = i
-    return words
-
-
-def word_at(words: list[tuple[int, int, str]], text: str, start: int, end: int) -> int | None:
-    """Index of the word holding the token spanning ``text[start:end]`` (its first non-space character)."""
-    while start < end and text[start].isspace():
-        start += 1
-    if start >= end:
-        return None
-    for i, (w_start, w_end, _) in enumerate(words):
-        if w_start <= start < w_end:
-            return i
-    return None
 
 
 def match_words(caption: Sequence[str], spoken: Sequence[str]) -> dict[int, int]:
