@@ -32,19 +32,26 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     if problem:
         raise ValueError(problem)
     if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width))
+        rle = mask_utils.merge(
+            mask_utils.frPyObjects([list(map(float, p)) for p in segmentation], height, width)
+        )
     elif isinstance(segmentation["counts"], list):
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         counts = segmentation["counts"]
-        rle = {"size": list(segmentation["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+        rle = {
+            "size": list(segmentation["size"]),
+            "counts": counts.encode() if isinstance(counts, str) else counts,
+        }
     return mask_utils.decode(rle).astype(bool)
 
 
 def segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
     """Why ``segmentation`` cannot be decoded for an ``height x width`` image, or None."""
     if isinstance(segmentation, list):
-        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+        if not segmentation or not all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation
+        ):
             return "malformed polygon"
         return None
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
@@ -70,15 +77,22 @@ class CocoInstances:
     def load(cls, path: str | Path) -> CocoInstances:
         """Read and index the file; ``DataError`` if it is not a COCO instances file."""
         data = load_json_file(path, "COCO instances file")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             raise DataError(f"{path} is not a COCO instances file (needs 'images' and 'annotations' lists)")
         images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
         annotations = {a["id"]: a for a in data["annotations"] if isinstance(a, dict) and "id" in a}
         by_image: dict[int, list[dict]] = defaultdict(list)
         for ann in annotations.values():
             by_image[ann.get("image_id")].append(ann)
-        names = {c["id"]: c.get("name", "") for c in data.get("categories", []) if isinstance(c, dict) and "id" in c}
+        names = {
+            c["id"]: c.get("name", "")
+            for c in data.get("categories", [])
+            if isinstance(c, dict) and "id" in c
+        }
         return cls(images, annotations, dict(by_image), names)
 
 
@@ -93,8 +107,9 @@ def image_size(image: dict) -> tuple[int, int]:
     return w, h
 
 
-def annotation_region(ann: dict, size: tuple[int, int], texts: list[str], region_id: str | None = None,
-                      with_mask: bool = True) -> Region:
+def annotation_region(
+    ann: dict, size: tuple[int, int], texts: list[str], region_id: str | None = None, with_mask: bool = True
+) -> Region:
     """A ``Region`` from a COCO annotation (box checked against ``size``); raises ``SkipRecord``."""
     try:
         box = xywh_to_xyxy(require(ann, "bbox"))
@@ -120,7 +135,9 @@ class CocoInstancesReader(Reader):
 
     name = "coco"
 
-    def __init__(self, instances_path: str | Path, image_dir: str | Path, include_crowd: bool = False) -> None:
+    def __init__(
+        self, instances_path: str | Path, image_dir: str | Path, include_crowd: bool = False
+    ) -> None:
         super().__init__()
         self.instances_path = Path(instances_path)
         self.image_dir = Path(image_dir)
@@ -141,7 +158,9 @@ class CocoInstancesReader(Reader):
                     self.report.skip("crowd annotation")
                     continue
                 try:
-                    regions.append(annotation_region(ann, size, [coco.category_names.get(ann.get("category_id"), "")]))
+                    regions.append(
+                        annotation_region(ann, size, [coco.category_names.get(ann.get("category_id"), "")])
+                    )
                 except SkipRecord as skip:
                     self.report.skip(str(skip))
             if not regions:

@@ -31,7 +31,11 @@ def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[s
     if not examples:
         return None
     prompts = [(b, p) for b, e in enumerate(examples) for p in e.targets.prompts]
-    n, lp, lt = len(prompts), max(len(p.prompt_ids) for _, p in prompts), max(len(p.label_ids) for _, p in prompts)
+    n, lp, lt = (
+        len(prompts),
+        max(len(p.prompt_ids) for _, p in prompts),
+        max(len(p.label_ids) for _, p in prompts),
+    )
     size = examples[0].pixel_values.shape[-1]
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([e.pixel_values for e in examples]),
@@ -67,7 +71,9 @@ def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[s
             count = len(e.targets.gt_boxes)
             batch["gt_boxes"][b, :count] = torch.from_numpy(np.asarray(e.targets.gt_boxes, np.float32))
             batch["gt_boxes_mask"][b, :count] = True
-        batch["detection_weight"] = torch.tensor([e.targets.detection_weight for e in examples], dtype=torch.float32)
+        batch["detection_weight"] = torch.tensor(
+            [e.targets.detection_weight for e in examples], dtype=torch.float32
+        )
     batch["meta"] = [_meta(e) for e in examples]
     return batch
 
@@ -78,8 +84,12 @@ def _floats(rows: list, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _meta(example: Example) -> dict[str, Any]:
     prompts = [
-        {"task": p.task, "text": p.text, "region_id": p.region_id,
-         "target_box": None if p.target_box is None else [float(v) for v in p.target_box]}
+        {
+            "task": p.task,
+            "text": p.text,
+            "region_id": p.region_id,
+            "target_box": None if p.target_box is None else [float(v) for v in p.target_box],
+        }
         for p in example.targets.prompts
     ]
     return {**example.meta, "prompts": prompts}

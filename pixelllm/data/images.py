@@ -52,7 +52,9 @@ def load_image(src: ImageSource, *, name: str | None = None, max_pixels: int = M
         if not path.is_file():
             raise InputError(f"image not found: {path}")
         return _open(path, name or str(path), max_pixels)
-    raise InputError(f"cannot use {type(src).__name__} as an image: give a path, bytes, a PIL image or an array")
+    raise InputError(
+        f"cannot use {type(src).__name__} as an image: give a path, bytes, a PIL image or an array"
+    )
 
 
 def _open(fp, label: str, max_pixels: int) -> Image.Image:
@@ -67,7 +69,9 @@ def _open(fp, label: str, max_pixels: int) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError:
-        raise InputError(f"image {label} is too large to decode safely (over {max_pixels:,} pixels)") from None
+        raise InputError(
+            f"image {label} is too large to decode safely (over {max_pixels:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(f"cannot read image {label}: not an image file, or an unsupported format") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -106,8 +106,12 @@ class LocalizedNarrativesReader(Reader):
 
     name = "localized-narratives"
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], image_dir: str | Path | None = None,
-                 image_name: str | Callable[[str, str], str] = "{image_id}.jpg") -> None:
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        image_dir: str | Path | None = None,
+        image_name: str | Callable[[str, str], str] = "{image_id}.jpg",
+    ) -> None:
         super().__init__()
         self.paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
         self.image_dir = Path(image_dir) if image_dir is not None else None
@@ -123,8 +127,12 @@ class LocalizedNarrativesReader(Reader):
                     continue
                 if not trace_is_sorted(record["traces"]):
                     self.report.repair("unsorted trace (sorted by time)")
-                yield Sample(self._image_path(dataset_id, image_id), image_id, source=dataset_id or self.name,
-                             narratives=[narrative])
+                yield Sample(
+                    self._image_path(dataset_id, image_id),
+                    image_id,
+                    source=dataset_id or self.name,
+                    narratives=[narrative],
+                )
 
     def _image_path(self, dataset_id: str, image_id: str) -> Path | None:
         if self.image_dir is None:
@@ -140,7 +148,7 @@ def iter_jsonl(path: Path, report, what: str) -> Iterator[dict]:
     Raises ``DataError`` when the file cannot be opened or has lines but no JSON object at all.
     """
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - the `with` below needs the open error separately
     except OSError as exc:
         raise DataError(f"cannot open {what} {path}: {exc.strerror or exc}") from None
     lines = parsed = 0
@@ -174,7 +182,10 @@ def _number(value, what: str) -> float:
 
 def _parse_utterance(u) -> Utterance:
     text = require(u, "utterance")
-    start, end = _number(require(u, "start_time"), "utterance time"), _number(require(u, "end_time"), "utterance time")
+    start, end = (
+        _number(require(u, "start_time"), "utterance time"),
+        _number(require(u, "end_time"), "utterance time"),
+    )
     if not isinstance(text, str):
         raise SkipRecord("utterance is not text")
     if end < start:
@@ -184,9 +195,13 @@ def _parse_utterance(u) -> Utterance:
 
 def _parse_trace(segments) -> np.ndarray:
     points = [
-        (_number(require(p, "x"), "trace point"), _number(require(p, "y"), "trace point"),
-         _number(require(p, "t"), "trace point"))
-        for segment in _as_list(segments, "traces") for p in _as_list(segment, "traces")
+        (
+            _number(require(p, "x"), "trace point"),
+            _number(require(p, "y"), "trace point"),
+            _number(require(p, "t"), "trace point"),
+        )
+        for segment in _as_list(segments, "traces")
+        for p in _as_list(segment, "traces")
     ]
     trace = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     return trace[np.argsort(trace[:, 2], kind="stable")]
@@ -217,7 +232,9 @@ def trace_positions(trace: np.ndarray, times: np.ndarray) -> np.ndarray:
     return out
 
 
-def utterance_locations(narrative: Narrative, num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+def utterance_locations(
+    narrative: Narrative, num_samples: int = NUM_SAMPLES
+) -> tuple[np.ndarray, np.ndarray]:
     """Official per-utterance ``boxes (U, 4)`` and ``centers (U, 2)``, normalized, unclipped."""
     boxes = np.zeros((len(narrative.utterances), 4))
     centers = np.zeros((len(narrative.utterances), 2))
@@ -283,7 +300,9 @@ def align_official(narrative: Narrative, target: EncodedTarget) -> TokenAlignmen
     length = len(target.ids)
     alignment = TokenAlignment.empty(length)
     boxes, centers = utterance_locations(narrative)
-    valid_utt = np.array([bool(u.text.strip()) for u in narrative.utterances]) & np.all(centers > CENTER_EPS, axis=1)
+    valid_utt = np.array([bool(u.text.strip()) for u in narrative.utterances]) & np.all(
+        centers > CENTER_EPS, axis=1
+    )
     n, m = int(valid_utt.sum()), length - 1  # the last id is EOS
     if n == 0 or m == 0:
         return alignment

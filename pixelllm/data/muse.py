@@ -68,8 +68,11 @@ class MuseReader(Reader):
                 yield sample
 
     def _sample(self, entry: dict, index: int) -> Sample | None:
-        name = entry.get("file_name") or str(entry.get("coco_url", "")).rsplit("/", 1)[-1] \
-            if isinstance(entry, dict) else None
+        name = (
+            entry.get("file_name") or str(entry.get("coco_url", "")).rsplit("/", 1)[-1]
+            if isinstance(entry, dict)
+            else None
+        )
         if not name:
             raise SkipRecord("missing field 'file_name'")
         size = image_size(entry)
@@ -82,8 +85,9 @@ class MuseReader(Reader):
         questions = require(entry, "questions")
         answers = require(entry, "answers")
         texts = entry.get("text_answers") or [None] * len(questions)
-        if not (isinstance(questions, list) and isinstance(answers, list) and isinstance(texts, list)) \
-                or not len(questions) == len(answers) == len(texts):
+        if not (
+            isinstance(questions, list) and isinstance(answers, list) and isinstance(texts, list)
+        ) or not len(questions) == len(answers) == len(texts):
             raise SkipRecord("questions, answers and text_answers differ in length")
         kept = []
         for question, targets, answer in zip(questions, answers, texts, strict=True):

@@ -79,7 +79,9 @@ class Example:
 class ExampleBuilder:
     """Callable ``(sample, rng) -> Example | None``; ``report`` counts kept and skipped samples."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TaskConfig, name: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, config: TaskConfig, name: str | None = None
+    ) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.report = SkipReport(name or config.task)
 
@@ -94,11 +96,22 @@ class ExampleBuilder:
             self.report.skip("image size differs from its annotation")
             return None
         if c.augment is not None and rng is not None:
-            transform = CanvasTransform.random(image.size, c.canvas_size, rng, c.augment.scale_range, c.augment.flip_prob)
+            transform = CanvasTransform.random(
+                image.size, c.canvas_size, rng, c.augment.scale_range, c.augment.flip_prob
+            )
         else:
             transform = CanvasTransform.fit(image.size, c.canvas_size)
-        targets = build_targets(sample, c.task, self.tokenizer, image.size, rng=rng, max_prompts=c.max_prompts,
-                                max_text_tokens=c.max_text_tokens, alignment=c.alignment, prompts=c.prompts)
+        targets = build_targets(
+            sample,
+            c.task,
+            self.tokenizer,
+            image.size,
+            rng=rng,
+            max_prompts=c.max_prompts,
+            max_text_tokens=c.max_text_tokens,
+            alignment=c.alignment,
+            prompts=c.prompts,
+        )
         if not targets.prompts:
             self.report.skip(f"no {c.task} target in the sample")
             return None
@@ -110,14 +123,22 @@ class ExampleBuilder:
             return None
         pixel_values, pixel_mask = transform.image_to_canvas(image)
         self.report.keep()
-        meta = {"image_id": sample.image_id, "source": sample.source, "original_size": image.size,
-                "scale": transform.scale, "transform": transform}
+        meta = {
+            "image_id": sample.image_id,
+            "source": sample.source,
+            "original_size": image.size,
+            "scale": transform.scale,
+            "transform": transform,
+        }
         return Example(pixel_values, pixel_mask, targets, transform, meta)
 
 
 def _image_name(sample: Sample) -> str:
-    return str(sample.image) if isinstance(sample.image, str) or hasattr(sample.image, "parts") \
+    return (
+        str(sample.image)
+        if isinstance(sample.image, str) or hasattr(sample.image, "parts")
         else f"image of sample {sample.image_id}"
+    )
 
 
 class ExampleDataset(torch.utils.data.Dataset):

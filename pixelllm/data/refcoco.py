@@ -37,7 +37,9 @@ SPLITS = {
 
 class _PlainDataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refuses to load {module}.{name}: only plain lists and dicts are allowed")
+        raise pickle.UnpicklingError(
+            f"refuses to load {module}.{name}: only plain lists and dicts are allowed"
+        )
 
 
 def load_refs(path: str | Path) -> list[dict]:
@@ -77,17 +79,31 @@ class RefCocoReader(Reader):
 
     name = "refcoco"
 
-    def __init__(self, refs_path: str | Path, instances_path: str | Path, image_dir: str | Path,
-                 dataset: str = "refcoco", split: str | None = None, text_field: str = "sent") -> None:
+    def __init__(
+        self,
+        refs_path: str | Path,
+        instances_path: str | Path,
+        image_dir: str | Path,
+        dataset: str = "refcoco",
+        split: str | None = None,
+        text_field: str = "sent",
+    ) -> None:
         super().__init__()
         if dataset not in SPLITS:
             raise ConfigError(f"unknown referring dataset {dataset!r}; choose one of {', '.join(SPLITS)}")
         if split is not None and split not in SPLITS[dataset]:
-            raise ConfigError(f"{dataset} has no split {split!r}; its splits are {', '.join(SPLITS[dataset])}")
+            raise ConfigError(
+                f"{dataset} has no split {split!r}; its splits are {', '.join(SPLITS[dataset])}"
+            )
         self.name = f"{dataset}:{split or 'all'}"
         self.report.name = self.name
         self.refs_path, self.instances_path = Path(refs_path), Path(instances_path)
-        self.image_dir, self.dataset, self.split, self.text_field = Path(image_dir), dataset, split, text_field
+        self.image_dir, self.dataset, self.split, self.text_field = (
+            Path(image_dir),
+            dataset,
+            split,
+            text_field,
+        )
 
     def _samples(self) -> Iterator[Sample]:
         refs = load_refs(self.refs_path)
@@ -104,8 +120,13 @@ class RefCocoReader(Reader):
             by_image.setdefault(image_id, []).append(region)
         for image_id, regions in by_image.items():
             image = coco.images[image_id]
-            yield Sample(self.image_dir / image["file_name"], str(image_id), image_size(image), self.name,
-                         regions=regions)
+            yield Sample(
+                self.image_dir / image["file_name"],
+                str(image_id),
+                image_size(image),
+                self.name,
+                regions=regions,
+            )
 
     def _region(self, ref: dict, coco: CocoInstances) -> tuple[int, Region]:
         ann = coco.annotations.get(require(ref, "ann_id"))
@@ -132,9 +153,14 @@ class MdetrRefReader(Reader):
 
     def _samples(self) -> Iterator[Sample]:
         data = load_json_file(self.json_path, "MDETR referring JSON")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
-            raise DataError(f"{self.json_path} is not an MDETR referring file (needs 'images' and 'annotations')")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
+            raise DataError(
+                f"{self.json_path} is not an MDETR referring file (needs 'images' and 'annotations')"
+            )
         entries = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
         objects: dict[int, dict[int, Region]] = {}  # original image id -> original annotation id -> region
         files: dict[int, tuple[str, tuple[int, int]]] = {}
@@ -143,7 +169,8 @@ class MdetrRefReader(Reader):
                 original, key, caption, file_name, size = _mdetr_object(ann, entries)
                 if key not in objects.get(original, {}):
                     objects.setdefault(original, {})[key] = annotation_region(
-                        ann, size, [], str(key), with_mask="segmentation" in ann)
+                        ann, size, [], str(key), with_mask="segmentation" in ann
+                    )
             except SkipRecord as skip:
                 self.report.skip(str(skip))
                 continue
@@ -151,7 +178,9 @@ class MdetrRefReader(Reader):
             files[original] = (file_name, size)
         for original, regions in objects.items():
             file_name, size = files[original]
-            yield Sample(self.image_dir / file_name, str(original), size, self.name, regions=list(regions.values()))
+            yield Sample(
+                self.image_dir / file_name, str(original), size, self.name, regions=list(regions.values())
+            )
 
 
 def _mdetr_object(ann: dict, entries: dict[int, dict]) -> tuple[int, int, str, str, tuple[int, int]]:
@@ -163,7 +192,9 @@ def _mdetr_object(ann: dict, entries: dict[int, dict]) -> tuple[int, int, str, s
     if not caption:
         raise SkipRecord("no expression")
     try:
-        original = int(entry["original_img_id"] if "original_img_id" in entry else require(entry, "original_id"))
+        original = int(
+            entry["original_img_id"] if "original_img_id" in entry else require(entry, "original_id")
+        )
         key = int(ann["original_id"] if "original_id" in ann else require(ann, "id"))
     except (TypeError, ValueError):
         raise SkipRecord("malformed id") from None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,15 @@ class SkipReport:
 
     def summary(self) -> str:
         """One line, e.g. ``vg: kept 5, skipped 2 (degenerate box: 2), repaired 0``."""
+
         def counts(counter: Counter[str]) -> str:
             total = sum(counter.values())
             detail = ", ".join(f"{reason}: {n}" for reason, n in counter.most_common())
             return f"{total} ({detail})" if total else "0"
 
-        return f"{self.name}: kept {self.kept}, skipped {counts(self.skipped)}, repaired {counts(self.repaired)}"
+        return (
+            f"{self.name}: kept {self.kept}, skipped {counts(self.skipped)}, repaired {counts(self.repaired)}"
+        )
 
 
 class SkipRecord(Exception):
@@ -82,7 +85,6 @@ class Reader:
 
     def summary(self) -> str:
         return self.report.summary()
-
 
 
 def load_json_file(path: str | Path, what: str) -> Any:

@@ -85,13 +85,14 @@ class Sample:
 
 
 def xywh_to_xyxy(box: Any) -> tuple[float, float, float, float]:
-    """``[x, y, w, h]`` (COCO, VG) to ``(x0, y0, x1, y1)``; raises ``ValueError``/``TypeError`` if malformed."""
+    """``[x, y, w, h]`` (COCO, VG) to ``(x0, y0, x1, y1)``; ``ValueError``/``TypeError`` if malformed."""
     x, y, w, h = (float(v) for v in box)
     return (x, y, x + w, y + h)
 
 
-def check_box(box: tuple[float, float, float, float], size: tuple[int, int] | None,
-              tolerance: float = 1.0) -> tuple[tuple[float, float, float, float] | None, str | None]:
+def check_box(
+    box: tuple[float, float, float, float], size: tuple[int, int] | None, tolerance: float = 1.0
+) -> tuple[tuple[float, float, float, float] | None, str | None]:
     """Validate a box against the image ``size = (W, H)``: ``(clipped box, None)`` or ``(None, reason)``.
 
     Boxes may overshoot the image by ``tolerance`` pixels (annotation tools round), and are then
@@ -163,18 +164,32 @@ def _narrative_to_dict(n: Narrative) -> dict:
 
 def _narrative_from_dict(d: dict) -> Narrative:
     trace = np.asarray(d["trace"], dtype=np.float64).reshape(-1, 3)
-    return Narrative(d["caption"], [Utterance(t, float(s), float(e)) for t, s, e in d["utterances"]],
-                     trace, d.get("annotator_id", ""))
+    return Narrative(
+        d["caption"],
+        [Utterance(t, float(s), float(e)) for t, s, e in d["utterances"]],
+        trace,
+        d.get("annotator_id", ""),
+    )
 
 
 def _region_to_dict(r: Region) -> dict:
     seg = r.segmentation
     if isinstance(seg, dict) and isinstance(seg.get("counts"), bytes):
         seg = {**seg, "counts": seg["counts"].decode("ascii")}
-    return {"box": list(r.box), "texts": list(r.texts), "segmentation": seg,
-            "category_id": r.category_id, "region_id": r.region_id}
+    return {
+        "box": list(r.box),
+        "texts": list(r.texts),
+        "segmentation": seg,
+        "category_id": r.category_id,
+        "region_id": r.region_id,
+    }
 
 
 def _region_from_dict(d: dict) -> Region:
-    return Region(tuple(float(v) for v in d["box"]), list(d.get("texts", [])), d.get("segmentation"),
-                  d.get("category_id"), d.get("region_id"))
+    return Region(
+        tuple(float(v) for v in d["box"]),
+        list(d.get("texts", [])),
+        d.get("segmentation"),
+        d.get("category_id"),
+        d.get("region_id"),
+    )

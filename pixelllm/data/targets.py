@@ -3,14 +3,15 @@
 ``build_targets`` works in **original pixels**; ``to_canvas`` maps the result onto the canvas of a
 ``CanvasTransform`` (clipping, and dropping what the crop removed). Per task (docs/architecture.md):
 
-| task | prompt (text, location) | target text | location targets | weights |
-| --- | --- | --- | --- | --- |
-| trace | "A long image caption:", whole image | the narrative caption | every token but EOS (LN alignment) | caption + location |
-| caption | "A long image caption:", whole image | a caption | none | caption |
-| refer | "where is {expression}", whole image | the expression | the last word (token before EOS): object box | location |
-| refseg | as refer | the expression | as refer, plus the object's mask | location + mask |
-| region | "an object of", the region box | the region's text | none | caption |
-| densecap | as region, for the sampled regions | the region's text | none; all boxes as ``gt_boxes`` | caption + detection |
+- trace: "A long image caption:" on the whole image -> the narrative's caption; every token but
+  EOS has a box (LN alignment); caption + location loss.
+- caption: the same prompt -> a caption; no location; caption loss.
+- refer: "where is {expression}" on the whole image -> the expression; only the last word (the
+  token before EOS) has a box, the object's; location loss.
+- refseg: as refer, plus the object's mask; location + mask loss.
+- region: "an object of" with the region's box as location prompt -> the region's text; caption loss.
+- densecap: region prompts for the sampled regions, and every region box as ``gt_boxes``;
+  caption + detection loss.
 
 Candidates are narratives (trace), captions (caption), or ``(region, text)`` pairs; ``max_prompts``
 keeps a random subset (with ``rng``) or the first ones (without).
@@ -72,9 +73,18 @@ class ImageTargets:
     detection_weight: float = 0.0
 
 
-def build_targets(sample: Sample, task: str, tokenizer: PreTrainedTokenizerBase, image_size: tuple[int, int], *,
-                  rng: np.random.Generator | None = None, max_prompts: int | None = None, max_text_tokens: int = 128,
-                  alignment: str = "official", prompts: dict[str, str] | None = None) -> ImageTargets:
+def build_targets(
+    sample: Sample,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    image_size: tuple[int, int],
+    *,
+    rng: np.random.Generator | None = None,
+    max_prompts: int | None = None,
+    max_text_tokens: int = 128,
+    alignment: str = "official",
+    prompts: dict[str, str] | None = None,
+) -> ImageTargets:
     """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -85,9 +95,15 @@ def build_targets(sample: Sample, task: str, tokenizer: PreTrainedTokenizerBase,
         chosen = _choose(sample.narratives, max_prompts, rng)
         return ImageTargets("original", [builder.trace(n, ALIGNMENTS[alignment]) for n in chosen])
     if task == "caption":
-        return ImageTargets("original", [builder.caption(c) for c in _choose(sample.captions, max_prompts, rng)])
-    pairs = [(i, text) for i, region in enumerate(sample.regions) for text in region.texts
-             if task != "refseg" or region.segmentation is not None]
+        return ImageTargets(
+            "original", [builder.caption(c) for c in _choose(sample.captions, max_prompts, rng)]
+        )
+    pairs = [
+        (i, text)
+        for i, region in enumerate(sample.regions)
+        for text in region.texts
+        if task != "refseg" or region.segmentation is not None
+    ]
     chosen = _choose(pairs, max_prompts, rng)
     if task in ("refer", "refseg"):
         return ImageTargets("original", [builder.refer(sample, i, text, task) for i, text in chosen])
@@ -113,12 +129,29 @@ class _Builder:
     max_text_tokens: int
     prompts: dict[str, str]
 
-    def _base(self, task: str, prompt_text: str, text: str, prompt_box, caption_weight: float,
-              location_weight: float, **extra) -> PromptTarget:
+    def _base(
+        self,
+        task: str,
+        prompt_text: str,
+        text: str,
+        prompt_box,
+        caption_weight: float,
+        location_weight: float,
+        **extra,
+    ) -> PromptTarget:
         ids = encode_target(self.tokenizer, text, self.max_text_tokens).ids
-        return PromptTarget(task, text, encode_prompt(self.tokenizer, prompt_text), np.asarray(prompt_box, np.float64),
-                            ids, np.zeros((len(ids), 4)), np.zeros(len(ids), bool), caption_weight,
-                            location_weight, **extra)
+        return PromptTarget(
+            task,
+            text,
+            encode_prompt(self.tokenizer, prompt_text),
+            np.asarray(prompt_box, np.float64),
+            ids,
+            np.zeros((len(ids), 4)),
+            np.zeros(len(ids), bool),
+            caption_weight,
+            location_weight,
+            **extra,
+        )
 
     def whole_image(self) -> np.ndarray:
         return np.array([0.0, 0.0, *self.image_size], dtype=np.float64)
@@ -126,9 +159,17 @@ class _Builder:
     def trace(self, narrative, align) -> PromptTarget:
         target = encode_target(self.tokenizer, narrative.caption, self.max_text_tokens)
         aligned = align(narrative, target)
-        return PromptTarget("trace", narrative.caption, encode_prompt(self.tokenizer, self.prompts["trace"]),
-                            self.whole_image(), target.ids, aligned.to_pixels(self.image_size), aligned.mask.copy(),
-                            1.0, 1.0)
+        return PromptTarget(
+            "trace",
+            narrative.caption,
+            encode_prompt(self.tokenizer, self.prompts["trace"]),
+            self.whole_image(),
+            target.ids,
+            aligned.to_pixels(self.image_size),
+            aligned.mask.copy(),
+            1.0,
+            1.0,
+        )
 
     def caption(self, text: str) -> PromptTarget:
         return self._base("caption", self.prompts["trace"], text, self.whole_image(), 1.0, 0.0)
@@ -140,8 +181,18 @@ class _Builder:
         if task == "refseg":
             w, h = self.image_size
             extra = {"mask": decode_segmentation(region.segmentation, h, w), "mask_weight": 1.0}
-        p = self._base(task, self.prompts["refer"].format(expression=text), text, self.whole_image(), 0.0, 1.0,
-                       region=index, region_id=region.region_id, target_box=box, **extra)
+        p = self._base(
+            task,
+            self.prompts["refer"].format(expression=text),
+            text,
+            self.whole_image(),
+            0.0,
+            1.0,
+            region=index,
+            region_id=region.region_id,
+            target_box=box,
+            **extra,
+        )
         last_word = len(p.label_ids) - 2  # the token before EOS
         if last_word >= 0:
             p.label_boxes[last_word], p.label_box_mask[last_word] = box, True
@@ -150,8 +201,17 @@ class _Builder:
     def region(self, sample: Sample, index: int, text: str, task: str) -> PromptTarget:
         region = sample.regions[index]
         box = np.asarray(region.box, np.float64)
-        return self._base(task, self.prompts["region"], text, box, 1.0, 0.0, region=index,
-                          region_id=region.region_id, target_box=box)
+        return self._base(
+            task,
+            self.prompts["region"],
+            text,
+            box,
+            1.0,
+            0.0,
+            region=index,
+            region_id=region.region_id,
+            target_box=box,
+        )
 
 
 def to_canvas(targets: ImageTargets, transform: CanvasTransform) -> tuple[ImageTargets, Counter[str]]:
@@ -193,5 +253,10 @@ def _prompt_to_canvas(p: PromptTarget, transform: CanvasTransform, valid: np.nda
         mask = transform.mask_to_canvas(p.mask)
         if p.mask_weight > 0 and not mask.any():
             return "mask left the crop"
-    return replace(p, prompt_box=clip_boxes(prompt_box, valid)[0], label_boxes=clip_boxes(boxes, valid)[0],
-                   label_box_mask=label_mask, mask=mask)
+    return replace(
+        p,
+        prompt_box=clip_boxes(prompt_box, valid)[0],
+        label_boxes=clip_boxes(boxes, valid)[0],
+        label_box_mask=label_mask,
+        mask=mask,
+    )

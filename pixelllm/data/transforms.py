@@ -39,8 +39,14 @@ class CanvasTransform:
         return cls(tuple(original_size), canvas_size, canvas_size / max(original_size))
 
     @classmethod
-    def random(cls, original_size: tuple[int, int], canvas_size: int, rng: np.random.Generator,
-               scale_range: tuple[float, float] = (1.0, 1.0), flip_prob: float = 0.0) -> CanvasTransform:
+    def random(
+        cls,
+        original_size: tuple[int, int],
+        canvas_size: int,
+        rng: np.random.Generator,
+        scale_range: tuple[float, float] = (1.0, 1.0),
+        flip_prob: float = 0.0,
+    ) -> CanvasTransform:
         """Scale jitter + random crop + random flip, as the official LSJ-style pipeline.
 
         The long side becomes ``S * r`` with ``r ~ U(scale_range)``; when the scaled image exceeds
@@ -70,7 +76,7 @@ class CanvasTransform:
 
     @property
     def valid_box(self) -> np.ndarray:
-        """float64 ``(4,)``: the image's extent on the canvas, ``(0, 0, W*s - ox, H*s - oy)`` clipped to ``S``."""
+        """float64 ``(4,)``: the image's extent on the canvas, ``(0, 0, W*s - ox, H*s - oy)`` clipped to S."""
         w, h = self.original_size
         s, (ox, oy), size = self.scale, self.offset, self.canvas_size
         return np.array([0.0, 0.0, min(w * s - ox, size), min(h * s - oy, size)])
@@ -106,7 +112,8 @@ class CanvasTransform:
     # -- images and masks ----------------------------------------------------------------------
 
     def image_to_canvas(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """RGB image -> ``pixel_values`` float32 ``(3, S, S)`` in [0, 1] (0 on padding), ``pixel_mask`` bool ``(S, S)``."""
+        """RGB image -> ``pixel_values`` float32 ``(3, S, S)`` in [0, 1] (0 on padding) and
+        ``pixel_mask`` bool ``(S, S)`` (True on the image)."""
         if image.size != tuple(self.original_size):
             raise ValueError(f"image is {image.size}, the transform expects {self.original_size}")
         content = np.asarray(self._warp(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
@@ -121,8 +128,13 @@ class CanvasTransform:
     def mask_to_canvas(self, mask: np.ndarray) -> np.ndarray:
         """bool ``(H, W)`` original -> bool ``(S, S)`` canvas (nearest neighbour, zero padding)."""
         if mask.shape != (self.original_size[1], self.original_size[0]):
-            raise ValueError(f"mask is {mask.shape}, the image is {self.original_size[1]}x{self.original_size[0]}")
-        warped = np.asarray(self._warp(Image.fromarray(mask.astype(np.uint8) * 255), Image.Resampling.NEAREST)) > 127
+            raise ValueError(
+                f"mask is {mask.shape}, the image is {self.original_size[1]}x{self.original_size[0]}"
+            )
+        warped = (
+            np.asarray(self._warp(Image.fromarray(mask.astype(np.uint8) * 255), Image.Resampling.NEAREST))
+            > 127
+        )
         out = np.zeros((self.canvas_size, self.canvas_size), dtype=bool)
         out[: warped.shape[0], : warped.shape[1]] = warped
         return out
@@ -133,7 +145,7 @@ class CanvasTransform:
         rw, rh = self.resized_size
         (ox, oy), (w, h) = self.offset, self.original_size
         scaled = np.zeros((rh, rw), dtype=np.uint8)
-        scaled[oy: oy + ch, ox: ox + cw] = np.asarray(mask[:ch, :cw], dtype=np.uint8) * 255
+        scaled[oy : oy + ch, ox : ox + cw] = np.asarray(mask[:ch, :cw], dtype=np.uint8) * 255
         out = np.asarray(Image.fromarray(scaled).resize((w, h), Image.Resampling.NEAREST)) > 127
         return hflip_mask(out) if self.flip else out
 
@@ -145,9 +157,13 @@ class CanvasTransform:
         return image.crop((ox, oy, ox + cw, oy + ch))
 
 
-def prepare_image(image: Image.Image, canvas_size: int,
-                  transform: CanvasTransform | None = None) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
-    """Put an RGB image on the canvas: ``(pixel_values (3, S, S) float32 in [0, 1], pixel_mask (S, S) bool, transform)``.
+def prepare_image(
+    image: Image.Image, canvas_size: int, transform: CanvasTransform | None = None
+) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
+    """Put an RGB image on the canvas.
+
+    Returns ``pixel_values`` float32 ``(3, S, S)`` in [0, 1], ``pixel_mask`` bool ``(S, S)`` and the
+    ``CanvasTransform``.
 
     Without ``transform``: the long side is resized to ``S``, top-left placement, zero padding.
     """
@@ -175,7 +191,7 @@ def hflip_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def clip_boxes(boxes: np.ndarray, limits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clip ``(..., 4)`` boxes to ``limits = (x0, y0, x1, y1)``; also return ``keep`` (positive area after clipping)."""
+    """Clip ``(..., 4)`` boxes to ``limits = (x0, y0, x1, y1)``; also return ``keep`` (area left)."""
     b = np.asarray(boxes, dtype=np.float64)
     lo, hi = np.tile(limits[:2], 2), np.tile(limits[2:], 2)
     clipped = np.clip(b, lo, hi)
@@ -189,7 +205,12 @@ def touches(boxes: np.ndarray, limits: np.ndarray) -> np.ndarray:
     Used for trace targets, whose boxes may legitimately be a single point.
     """
     b = np.asarray(boxes, dtype=np.float64)
-    return (b[..., 2] >= limits[0]) & (b[..., 0] <= limits[2]) & (b[..., 3] >= limits[1]) & (b[..., 1] <= limits[3])
+    return (
+        (b[..., 2] >= limits[0])
+        & (b[..., 0] <= limits[2])
+        & (b[..., 3] >= limits[1])
+        & (b[..., 1] <= limits[3])
+    )
 
 
 def _resized(original_size: tuple[int, int], scale: float) -> tuple[int, int]:

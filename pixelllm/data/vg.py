@@ -46,15 +46,23 @@ class VisualGenomeReader(Reader):
 
     name = "visual-genome"
 
-    def __init__(self, region_descriptions: str | Path, image_data: str | Path, image_dir: str | Path) -> None:
+    def __init__(
+        self, region_descriptions: str | Path, image_data: str | Path, image_dir: str | Path
+    ) -> None:
         super().__init__()
-        self.region_path, self.image_data_path, self.image_dir = Path(region_descriptions), Path(image_data), Path(image_dir)
+        self.region_path, self.image_data_path, self.image_dir = (
+            Path(region_descriptions),
+            Path(image_data),
+            Path(image_dir),
+        )
 
     def _samples(self) -> Iterator[Sample]:
         infos = load_json_file(self.image_data_path, "Visual Genome image_data.json")
         images = load_json_file(self.region_path, "Visual Genome region_descriptions.json")
         if not isinstance(infos, list) or not isinstance(images, list):
-            raise DataError(f"{self.region_path} / {self.image_data_path}: expected JSON lists (the official layout)")
+            raise DataError(
+                f"{self.region_path} / {self.image_data_path}: expected JSON lists (the official layout)"
+            )
         info_by_id = {i.get("image_id", i.get("id")): i for i in infos if isinstance(i, dict)}
         for entry in images:
             try:
@@ -97,15 +105,22 @@ class GritVgReader(Reader):
 
     def _samples(self) -> Iterator[Sample]:
         data = load_json_file(self.json_path, "GRiT Visual Genome JSON")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             raise DataError(f"{self.json_path} is not a COCO-style file (needs 'images' and 'annotations')")
         by_image: dict = defaultdict(list)
         for ann in data["annotations"]:
             by_image[ann.get("image_id") if isinstance(ann, dict) else None].append(ann)
         for image in data["images"]:
             try:
-                image_id, size, file_name = require(image, "id"), image_size(image), require(image, "file_name")
+                image_id, size, file_name = (
+                    require(image, "id"),
+                    image_size(image),
+                    require(image, "file_name"),
+                )
             except SkipRecord as skip:
                 self.report.skip(str(skip))
                 continue

@@ -53,11 +53,18 @@ def _actor_to_ln(actor: dict, record: dict, image_id: str) -> dict:
         raise SkipRecord("time_alignment or traces is not a list")
     try:
         timed = [
-            {"utterance": w["referenced_word"], "start_time": w["start_ms"] / 1000.0, "end_time": w["end_ms"] / 1000.0}
+            {
+                "utterance": w["referenced_word"],
+                "start_time": w["start_ms"] / 1000.0,
+                "end_time": w["end_ms"] / 1000.0,
+            }
             for w in map(literal, words)
         ]
         traces = [
-            [{"x": p["x"], "y": p["y"], "t": (p["time_ms_since_epoch"] - origin) / 1000.0} for p in map(literal, seg)]
+            [
+                {"x": p["x"], "y": p["y"], "t": (p["time_ms_since_epoch"] - origin) / 1000.0}
+                for p in map(literal, seg)
+            ]
             for seg in map(literal, segments)
         ]
     except (KeyError, TypeError):

@@ -78,7 +78,7 @@ def group_words(text: str, offsets: Sequence[tuple[int, int]], boxes, valid=None
         if not _has_alnum(piece):
             pending = (piece, tokens) if pending is None else (pending[0] + piece, pending[1] + tokens)
             continue
-        core = [j for j in tokens if _has_alnum(text[offsets[j][0]:offsets[j][1]])]
+        core = [j for j in tokens if _has_alnum(text[offsets[j][0] : offsets[j][1]])]
         if pending is not None:
             piece, tokens, pending = pending[0] + piece, pending[1] + tokens, None
         words.append((piece, tokens, core or tokens))
@@ -87,7 +87,9 @@ def group_words(text: str, offsets: Sequence[tuple[int, int]], boxes, valid=None
     return [_word(t, all_tokens, box_tokens, boxes) for t, all_tokens, box_tokens in words if box_tokens]
 
 
-def token_offsets(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+def token_offsets(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]
+) -> tuple[str, list[tuple[int, int]]]:
     """Decoded text of ``ids`` and each token's character span in it (special tokens: empty spans).
 
     Works for any tokenizer by decoding growing prefixes: the characters token ``k`` adds are
@@ -96,7 +98,9 @@ def token_offsets(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> tup
     """
     offsets, previous = [], ""
     for k in range(1, len(ids) + 1):
-        current = tokenizer.decode(list(ids[:k]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        current = tokenizer.decode(
+            list(ids[:k]), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         common = _common_prefix(previous, current)
         offsets.append((common, len(current)))
         previous = current
