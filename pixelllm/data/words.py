@@ -2,7 +2,8 @@
 
 Words are the whitespace-separated pieces of the text, so subword pieces merge into their word
 and punctuation written against a word ("road.") stays on it; a piece that is only punctuation
-("a cat ." after some decoders) is attached to the word before it (to the next word at the start).
+("a cat ." after some decoders) is attached to the word before it (to the next word at the start);
+a token of spaces only (a lone "▁") belongs to the word after it.
 A word's **box is the mean of its tokens' boxes, leaving out pure-punctuation tokens** (so a
 trailing "." never moves a word); a word made only of punctuation uses all its tokens. Its point is
 the box center. Tokens without a character span (EOS, padding) belong to no word.
@@ -42,13 +43,16 @@ def caption_words(text: str) -> list[tuple[int, int, str]]:
 
 
 def word_at(words: Sequence[tuple[int, int, str]], text: str, start: int, end: int) -> int | None:
-    """Index of the word holding the token ``text[start:end]`` (by its first non-space character)."""
-    while start < end and text[start].isspace():
-        start += 1
-    if start >= end:
-        return None
+    """Index of the word holding the token ``text[start:end]``: the word of its first non-space
+    character. A token with no such character (a lone word-start marker "▁", which some decoders
+    render as nothing until the next piece arrives) belongs to the next word; at the end (EOS), to none."""
+    first = start
+    while first < end and text[first].isspace():
+        first += 1
     for i, (w_start, w_end, _) in enumerate(words):
-        if w_start <= start < w_end:
+        if w_start <= first < w_end and first < end:
+            return i
+        if first == end and w_start >= start:
             return i
     return None
 

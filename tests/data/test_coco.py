@@ -9,8 +9,12 @@ from pycocotools import mask as mask_utils
 from pixelllm.data.coco import CocoInstancesReader, decode_segmentation
 from pixelllm.errors import DataError
 
-CATEGORIES = [{"id": 17, "name": "cat"}, {"id": 63, "name": "couch"}, {"id": 65, "name": "bed"},
-              {"id": 75, "name": "remote"}]
+CATEGORIES = [
+    {"id": 17, "name": "cat"},
+    {"id": 63, "name": "couch"},
+    {"id": 65, "name": "bed"},
+    {"id": 75, "name": "remote"},
+]
 
 
 @pytest.fixture
@@ -20,8 +24,11 @@ def real_annotations(real_data):
 
 def instances(tmp_path, annotations, images=None):
     """The real annotations wrapped in an instances.json (image 39769 is 640 x 480)."""
-    data = {"images": images or [{"id": 39769, "file_name": "000000039769.png", "width": 640, "height": 480}],
-            "annotations": annotations, "categories": CATEGORIES}
+    data = {
+        "images": images or [{"id": 39769, "file_name": "000000039769.png", "width": 640, "height": 480}],
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
     return path
@@ -65,12 +72,15 @@ def test_tiny_uncompressed_rle_by_hand():
     assert mask.tolist() == [[False, True, False], [True, False, False]]
 
 
-@pytest.mark.parametrize(("segmentation", "message"), [
-    ([[1.0, 2.0, 3.0, 4.0]], "malformed polygon"),
-    ({"size": [3, 3], "counts": [9]}, "mask size differs"),
-    ({"size": [2, 3], "counts": [1, 2]}, "do not cover"),
-    ("polygon", "malformed segmentation"),
-])
+@pytest.mark.parametrize(
+    ("segmentation", "message"),
+    [
+        ([[1.0, 2.0, 3.0, 4.0]], "malformed polygon"),
+        ({"size": [3, 3], "counts": [9]}, "mask size differs"),
+        ({"size": [2, 3], "counts": [1, 2]}, "do not cover"),
+        ("polygon", "malformed segmentation"),
+    ],
+)
 def test_malformed_segmentations(segmentation, message):
     with pytest.raises(ValueError, match=message):
         decode_segmentation(segmentation, 2, 3)
@@ -86,15 +96,22 @@ def test_reader_skips_bad_annotations(real_data, real_annotations, tmp_path):
         {**good, "id": 5, "segmentation": [[1, 2, 3]]},
         {**good, "id": 6, "image_id": 2, "iscrowd": 1},  # image 2 is left without usable annotations
     ]
-    images = [{"id": 39769, "file_name": "000000039769.png", "width": 640, "height": 480},
-              {"id": 2, "file_name": "2.jpg", "width": 640, "height": 480},
-              {"id": 3, "file_name": "3.jpg"}]
+    images = [
+        {"id": 39769, "file_name": "000000039769.png", "width": 640, "height": 480},
+        {"id": 2, "file_name": "2.jpg", "width": 640, "height": 480},
+        {"id": 3, "file_name": "3.jpg"},
+    ]
     reader = CocoInstancesReader(instances(tmp_path, [good, *bad], images), real_data / "coco")
     samples = list(reader)
     assert [len(s.regions) for s in samples] == [1]
     assert dict(reader.report.skipped) == {
-        "crowd annotation": 2, "box outside the image": 1, "degenerate box": 1, "malformed box": 1,
-        "malformed polygon": 1, "image without usable annotations": 1, "missing field 'width'": 1,
+        "crowd annotation": 2,
+        "box outside the image": 1,
+        "degenerate box": 1,
+        "malformed box": 1,
+        "malformed polygon": 1,
+        "image without usable annotations": 1,
+        "missing field 'width'": 1,
     }
     reader = CocoInstancesReader(instances(tmp_path, [good, bad[0]]), real_data / "coco", include_crowd=True)
     assert len(next(iter(reader)).regions) == 2

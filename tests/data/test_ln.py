@@ -139,12 +139,21 @@ def test_official_alignment_on_the_same_narrative():
 # ----------------------------------------------------------------------------------------------
 # Reader
 
-GOOD = {"dataset_id": "coco", "image_id": "391895", "annotator_id": 7, "caption": "In this picture a man.",
-        "timed_caption": [{"utterance": "In this picture", "start_time": 0.0, "end_time": 1.0},
-                          {"utterance": "a man", "start_time": 1.0, "end_time": 2.0}],
-        "traces": [[{"x": 0.1, "y": 0.2, "t": 0.0}, {"x": 0.2, "y": 0.2, "t": 0.5}],
-                   [{"x": 0.5, "y": 0.5, "t": 1.5}]],
-        "voice_recording": "coco_val/x.ogg"}
+GOOD = {
+    "dataset_id": "coco",
+    "image_id": "391895",
+    "annotator_id": 7,
+    "caption": "In this picture a man.",
+    "timed_caption": [
+        {"utterance": "In this picture", "start_time": 0.0, "end_time": 1.0},
+        {"utterance": "a man", "start_time": 1.0, "end_time": 2.0},
+    ],
+    "traces": [
+        [{"x": 0.1, "y": 0.2, "t": 0.0}, {"x": 0.2, "y": 0.2, "t": 0.5}],
+        [{"x": 0.5, "y": 0.5, "t": 1.5}],
+    ],
+    "voice_recording": "coco_val/x.ogg",
+}
 
 
 def variant(**changes):
@@ -158,7 +167,10 @@ def variant(**changes):
 
 
 def test_reader_skips_and_counts(tmp_path):
-    unsorted = [[{"x": 0.5, "y": 0.5, "t": 1.5}], [{"x": 0.1, "y": 0.2, "t": 0.0}, {"x": 0.2, "y": 0.2, "t": 0.5}]]
+    unsorted = [
+        [{"x": 0.5, "y": 0.5, "t": 1.5}],
+        [{"x": 0.1, "y": 0.2, "t": 0.0}, {"x": 0.2, "y": 0.2, "t": 0.5}],
+    ]
     lines = [
         json.dumps(GOOD),
         "{not json",
@@ -179,8 +191,12 @@ def test_reader_skips_and_counts(tmp_path):
     assert len(samples) == 2
     assert reader.report.kept == 2
     assert dict(reader.report.skipped) == {
-        "malformed JSON line": 1, "missing field 'traces'": 1, "trace has <= 1 point": 2,
-        "non-numeric trace point": 1, "empty caption": 1, "utterance ends before it starts": 1,
+        "malformed JSON line": 1,
+        "missing field 'traces'": 1,
+        "trace has <= 1 point": 2,
+        "non-numeric trace point": 1,
+        "empty caption": 1,
+        "utterance ends before it starts": 1,
         "record is not a JSON object": 1,
     }
     assert dict(reader.report.repaired) == {"unsorted trace (sorted by time)": 1}

@@ -20,18 +20,26 @@ def test_questions_targets_and_skips(real_data):
     assert first.image == real_data / "coco" / "000000039769.png"
     assert load_image(first.image).size == first.image_size == (640, 480)
     assert second.image == first.image  # from coco_url's file name
-    assert [r.texts for r in first.regions] == [["tabby cat on the left"], ["cat stretched out on the right"],
-                                                 ["remote control"], ["second remote control"]]
+    assert [r.texts for r in first.regions] == [
+        ["tabby cat on the left"],
+        ["cat stretched out on the right"],
+        ["remote control"],
+        ["second remote control"],
+    ]
     assert len(first.questions) == 2 and len(second.questions) == 1
     q = first.questions[0]
     assert q.answer.count("{seg}") == len(q.targets) == 2
     assert second.questions[0].answer is None
-    assert dict(reader.report.skipped) == {"placeholder count differs from targets": 1,
-                                           "questions, answers and text_answers differ in length": 1}
+    assert dict(reader.report.skipped) == {
+        "placeholder count differs from targets": 1,
+        "questions, answers and text_answers differ in length": 1,
+    }
 
 
 def test_target_boxes_and_masks_are_the_real_ones(real_data):
-    annotations = {a["id"]: a for a in json.loads((real_data / "coco" / "coco_annotations_39769.json").read_text())}
+    annotations = {
+        a["id"]: a for a in json.loads((real_data / "coco" / "coco_annotations_39769.json").read_text())
+    }
     first = next(iter(MuseReader(FIXTURE, real_data / "coco")))
     for target in first.questions[0].targets:
         ann = annotations[int(target.region_id)]

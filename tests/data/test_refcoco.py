@@ -23,17 +23,51 @@ def sentence(text, sent_id):
 
 
 REFS = [
-    {"ref_id": 0, "ann_id": CAT_LEFT, "image_id": 39769, "split": "val", "category_id": 17,
-     "file_name": "COCO_train2014_000000039769_2190839.jpg",
-     "sentences": [sentence("Cat on the left", 0), sentence("left kitty", 1)]},
-    {"ref_id": 1, "ann_id": CAT_RIGHT, "image_id": 39769, "split": "val", "category_id": 17,
-     "file_name": "x.jpg", "sentences": [sentence("cat on the right", 2)]},
-    {"ref_id": 2, "ann_id": REMOTE, "image_id": 39769, "split": "testA", "category_id": 75,
-     "file_name": "x.jpg", "sentences": [sentence("remote near the café", 3)]},
-    {"ref_id": 3, "ann_id": 999, "image_id": 39769, "split": "val", "category_id": 17,
-     "file_name": "x.jpg", "sentences": [sentence("a ghost", 4)]},
-    {"ref_id": 4, "ann_id": REMOTE_2, "image_id": 39769, "split": "val", "category_id": 75,
-     "file_name": "x.jpg", "sentences": []},
+    {
+        "ref_id": 0,
+        "ann_id": CAT_LEFT,
+        "image_id": 39769,
+        "split": "val",
+        "category_id": 17,
+        "file_name": "COCO_train2014_000000039769_2190839.jpg",
+        "sentences": [sentence("Cat on the left", 0), sentence("left kitty", 1)],
+    },
+    {
+        "ref_id": 1,
+        "ann_id": CAT_RIGHT,
+        "image_id": 39769,
+        "split": "val",
+        "category_id": 17,
+        "file_name": "x.jpg",
+        "sentences": [sentence("cat on the right", 2)],
+    },
+    {
+        "ref_id": 2,
+        "ann_id": REMOTE,
+        "image_id": 39769,
+        "split": "testA",
+        "category_id": 75,
+        "file_name": "x.jpg",
+        "sentences": [sentence("remote near the café", 3)],
+    },
+    {
+        "ref_id": 3,
+        "ann_id": 999,
+        "image_id": 39769,
+        "split": "val",
+        "category_id": 17,
+        "file_name": "x.jpg",
+        "sentences": [sentence("a ghost", 4)],
+    },
+    {
+        "ref_id": 4,
+        "ann_id": REMOTE_2,
+        "image_id": 39769,
+        "split": "val",
+        "category_id": 75,
+        "file_name": "x.jpg",
+        "sentences": [],
+    },
 ]
 
 
@@ -41,14 +75,23 @@ REFS = [
 def coco(real_data, tmp_path):
     annotations = json.loads((real_data / "coco" / "coco_annotations_39769.json").read_text())
     path = tmp_path / "instances.json"
-    path.write_text(json.dumps({"images": [{"id": 39769, "file_name": "COCO_train2014_000000039769.jpg",
-                                            "width": 640, "height": 480}],
-                                "annotations": annotations, "categories": [{"id": 17, "name": "cat"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 39769, "file_name": "COCO_train2014_000000039769.jpg", "width": 640, "height": 480}
+                ],
+                "annotations": annotations,
+                "categories": [{"id": 17, "name": "cat"}],
+            }
+        )
+    )
     return path, {a["id"]: a for a in annotations}
 
 
 def py2_pickle(value) -> bytes:
     """A protocol-2 pickle as Python 2 writes plain data: ``str`` as 8-bit SHORT_BINSTRING/BINSTRING."""
+
     def dump(v):
         if isinstance(v, bool) or v is None:
             raise TypeError(v)
@@ -56,12 +99,15 @@ def py2_pickle(value) -> bytes:
             return b"J" + struct.pack("<i", v)
         if isinstance(v, str):
             data = v.encode("utf-8")
-            return (b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<i", len(data))) + data
+            return (
+                b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<i", len(data))
+            ) + data
         if isinstance(v, list):
             return b"](" + b"".join(dump(x) for x in v) + b"e"
         if isinstance(v, dict):
             return b"}(" + b"".join(dump(k) + dump(x) for k, x in v.items()) + b"u"
         raise TypeError(v)
+
     return b"\x80\x02" + dump(value) + b"."
 
 
@@ -120,19 +166,45 @@ def test_unpickler_refuses_code(tmp_path):
 
 def mdetr_file(tmp_path, anns):
     def entry(i, caption):
-        return {"id": i, "file_name": "COCO_train2014_000000039769.jpg", "height": 480, "width": 640,
-                "original_id": 39769, "caption": caption, "dataset_name": "refcoco", "tokens_negative": []}
+        return {
+            "id": i,
+            "file_name": "COCO_train2014_000000039769.jpg",
+            "height": 480,
+            "width": 640,
+            "original_id": 39769,
+            "caption": caption,
+            "dataset_name": "refcoco",
+            "tokens_negative": [],
+        }
 
     def ann(i, image_id, coco_id, with_original=True):
         a = anns[coco_id]
-        out = {"id": i, "image_id": image_id, "bbox": a["bbox"], "area": a["area"], "iscrowd": 0,
-               "category_id": a["category_id"], "segmentation": a["segmentation"], "tokens_positive": [[4, 7]]}
+        out = {
+            "id": i,
+            "image_id": image_id,
+            "bbox": a["bbox"],
+            "area": a["area"],
+            "iscrowd": 0,
+            "category_id": a["category_id"],
+            "segmentation": a["segmentation"],
+            "tokens_positive": [[4, 7]],
+        }
         return {**out, "original_id": coco_id} if with_original else out
 
     data = {
-        "images": [entry(0, "the cat on the left"), entry(1, "cat right"), entry(2, "left kitty"), entry(3, " ")],
-        "annotations": [ann(10, 0, CAT_LEFT), ann(11, 1, CAT_RIGHT, with_original=False), ann(12, 2, CAT_LEFT),
-                        ann(13, 99, REMOTE), ann(14, 3, REMOTE)],
+        "images": [
+            entry(0, "the cat on the left"),
+            entry(1, "cat right"),
+            entry(2, "left kitty"),
+            entry(3, " "),
+        ],
+        "annotations": [
+            ann(10, 0, CAT_LEFT),
+            ann(11, 1, CAT_RIGHT, with_original=False),
+            ann(12, 2, CAT_LEFT),
+            ann(13, 99, REMOTE),
+            ann(14, 3, REMOTE),
+        ],
         "categories": [{"id": 17, "name": "cat"}],
     }
     path = tmp_path / "final_refcoco_val.json"

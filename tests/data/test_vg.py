@@ -14,7 +14,10 @@ FORMATS = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
 
 @pytest.fixture
 def vg_paths(real_data):
-    return real_data / "vg" / "vg_region_descriptions_img1-5.json", real_data / "vg" / "vg_image_data_img1-5.json"
+    return (
+        real_data / "vg" / "vg_region_descriptions_img1-5.json",
+        real_data / "vg" / "vg_image_data_img1-5.json",
+    )
 
 
 def test_real_region_descriptions(vg_paths, tmp_path):
@@ -58,8 +61,12 @@ def test_malformed_official_regions(vg_paths, tmp_path):
     samples = list(reader)
     assert [len(s.regions) for s in samples] == [262 - 4, 256]
     assert dict(reader.report.skipped) == {
-        "missing field 'phrase'": 1, "degenerate box": 2, "box outside the image": 1, "empty phrase": 1,
-        "image missing from image_data": 1, "image without usable regions": 1,
+        "missing field 'phrase'": 1,
+        "degenerate box": 2,
+        "box outside the image": 1,
+        "empty phrase": 1,
+        "image missing from image_data": 1,
+        "image without usable regions": 1,
     }
 
 
@@ -80,8 +87,13 @@ def test_grit_layout(vg_paths, tmp_path):
     assert [r.texts for r in sample.regions] == [r.texts for r in official]
     np.testing.assert_allclose([r.box for r in sample.regions], [r.box for r in official])
     assert dict(reader.report.skipped) == {
-        "box outside the image": 1, "degenerate box": 1, "empty phrase": 1, "missing field 'bbox'": 1,
+        "box outside the image": 1,
+        "degenerate box": 1,
+        "empty phrase": 1,
+        "missing field 'bbox'": 1,
         "malformed image size": 1,
     }
-    assert reader.summary() == ("vg-grit: kept 1, skipped 5 (box outside the image: 1, degenerate box: 1, "
-                                "empty phrase: 1, missing field 'bbox': 1, malformed image size: 1), repaired 0")
+    assert reader.summary() == (
+        "vg-grit: kept 1, skipped 5 (box outside the image: 1, degenerate box: 1, "
+        "empty phrase: 1, missing field 'bbox': 1, malformed image size: 1), repaired 0"
+    )

@@ -45,7 +45,9 @@ def test_conversion_of_the_first_ovis_narrative(real_data):
 
 
 def test_every_actor_narrative_becomes_a_sample(samples, vidln_files):
-    expected = sum(len(json.loads(line)["actor_narratives"]) for f in vidln_files for line in f.read_text().splitlines())
+    expected = sum(
+        len(json.loads(line)["actor_narratives"]) for f in vidln_files for line in f.read_text().splitlines()
+    )
     assert len(samples) == expected == 22
     for s in samples:
         n = s.narratives[0]
@@ -76,8 +78,17 @@ def test_python_literal_fields_are_parsed_safely(real_data):
 
 
 def test_code_in_a_literal_field_is_not_run(tmp_path):
-    bad = {"video_id": "v", "actor_narratives": [{"caption": "a b", "recording_start_time_ms_since_epoch": 0,
-                                                   "time_alignment": "[__import__('os').getcwd()]", "traces": "[]"}]}
+    bad = {
+        "video_id": "v",
+        "actor_narratives": [
+            {
+                "caption": "a b",
+                "recording_start_time_ms_since_epoch": 0,
+                "time_alignment": "[__import__('os').getcwd()]",
+                "traces": "[]",
+            }
+        ],
+    }
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(bad) + "\n")
     reader = VidlnReader(path)
@@ -107,9 +118,14 @@ def test_both_alignments_on_every_real_narrative(samples):
 
 
 def test_comparison_script_runs_on_every_real_record(vidln_files):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_ln_alignments.py"),
-                             *map(str, vidln_files)], capture_output=True, text=True, cwd=ROOT,
-                            env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare_ln_alignments.py"), *map(str, vidln_files)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "vidln: kept 22, skipped 0" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| all |")]
