@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +88,11 @@ class ExampleBuilder:
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Example | None:
         c = self.config
+        if sample.image is None:
+            self.report.skip("no image")
+            return None
         try:
-            image = load_image(sample.image if sample.image is not None else "", name=_image_name(sample))
+            image = load_image(sample.image, name=_image_name(sample))
         except InputError:
             self.report.skip("unreadable image")
             return None
@@ -101,17 +105,21 @@ class ExampleBuilder:
             )
         else:
             transform = CanvasTransform.fit(image.size, c.canvas_size)
-        targets = build_targets(
-            sample,
-            c.task,
-            self.tokenizer,
-            image.size,
-            rng=rng,
-            max_prompts=c.max_prompts,
-            max_text_tokens=c.max_text_tokens,
-            alignment=c.alignment,
-            prompts=c.prompts,
-        )
+        try:
+            targets = build_targets(
+                sample,
+                c.task,
+                self.tokenizer,
+                image.size,
+                rng=rng,
+                max_prompts=c.max_prompts,
+                max_text_tokens=c.max_text_tokens,
+                alignment=c.alignment,
+                prompts=c.prompts,
+            )
+        except (ValueError, InputError):  # a mask or text the reader did not vet (e.g. built by hand)
+            self.report.skip("malformed annotation")
+            return None
         if not targets.prompts:
             self.report.skip(f"no {c.task} target in the sample")
             return None
@@ -134,11 +142,7 @@ class ExampleBuilder:
 
 
 def _image_name(sample: Sample) -> str:
-    return (
-        str(sample.image)
-        if isinstance(sample.image, str) or hasattr(sample.image, "parts")
-        else f"image of sample {sample.image_id}"
-    )
+    return str(sample.image) if isinstance(sample.image, str | Path) else f"image of sample {sample.image_id}"
 
 
 class ExampleDataset(torch.utils.data.Dataset):

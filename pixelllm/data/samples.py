@@ -71,10 +71,11 @@ class Sample:
     """One image and its annotations.
 
     ``image`` is anything ``pixelllm.data.images.load_image`` accepts (usually a path, loaded
-    lazily). ``image_size`` is ``(W, H)`` as the annotation file states it, or None.
+    lazily), or None where the data has no image (Video Localized Narratives). ``image_size`` is
+    ``(W, H)`` as the annotation file states it, or None.
     """
 
-    image: ImageSource
+    image: ImageSource | None
     image_id: str
     image_size: tuple[int, int] | None = None
     source: str = ""

@@ -88,8 +88,10 @@ class VisualGenomeReader(Reader):
             yield Sample(self._image_path(image_id, info), str(image_id), size, self.name, regions=kept)
 
     def _image_path(self, image_id, info: dict) -> Path:
-        name = f"{image_id}.jpg"
+        """``image_dir / <url's folder> / <url's file>`` when that file exists, else ``image_dir / <file>``
+        (the file name being ``{image_id}.jpg`` when there is no url)."""
         parts = str(info.get("url", "")).rstrip("/").split("/")
+        name = parts[-1] or f"{image_id}.jpg"
         nested = self.image_dir / parts[-2] / name if len(parts) >= 2 else None
         return nested if nested is not None and nested.is_file() else self.image_dir / name
 

@@ -143,12 +143,17 @@ def test_builder_loads_augments_and_counts(tokenizer, cats, tmp_path):
     missing = Sample(tmp_path / "absent.jpg", "a", (640, 480), regions=cats.regions)
     wrong_size = Sample(cats.image, "b", (641, 480), regions=cats.regions)
     nothing = Sample(cats.image, "c", (640, 480))
-    assert builder(missing) is None and builder(wrong_size) is None and builder(nothing) is None
+    no_image = Sample(None, "d", regions=cats.regions)
+    broken_mask = Sample(cats.image, "e", (640, 480), regions=[Region(CAT_LEFT, ["cat"], [[1, 2]])])
+    for sample in (missing, wrong_size, nothing, no_image, broken_mask):
+        assert builder(sample) is None
     assert builder.report.kept == 1
     assert dict(builder.report.skipped) == {
         "unreadable image": 1,
         "image size differs from its annotation": 1,
         "no refseg target in the sample": 1,
+        "no image": 1,
+        "malformed annotation": 1,
     }
 
 
