@@ -37,12 +37,6 @@ class SkipReport:
     def repair(self, kind: str, count: int = 1) -> None:
         self.repaired[kind] += count
 
-    def merge(self, other: SkipReport) -> None:
-        """Add another report's counts to this one (e.g. from several DataLoader workers)."""
-        self.kept += other.kept
-        self.skipped.update(other.skipped)
-        self.repaired.update(other.repaired)
-
     def as_dict(self) -> dict:
         return {"kept": self.kept, "skipped": dict(self.skipped), "repaired": dict(self.repaired)}
 

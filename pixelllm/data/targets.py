@@ -128,6 +128,7 @@ class _Builder:
     image_size: tuple[int, int]
     max_text_tokens: int
     prompts: dict[str, str]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # decoded once per region
 
     def _base(
         self,
@@ -179,8 +180,10 @@ class _Builder:
         box = np.asarray(region.box, np.float64)
         extra = {}
         if task == "refseg":
-            w, h = self.image_size
-            extra = {"mask": decode_segmentation(region.segmentation, h, w), "mask_weight": 1.0}
+            if index not in self.masks:
+                w, h = self.image_size
+                self.masks[index] = decode_segmentation(region.segmentation, h, w)
+            extra = {"mask": self.masks[index], "mask_weight": 1.0}
         p = self._base(
             task,
             self.prompts["refer"].format(expression=text),
