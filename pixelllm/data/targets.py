@@ -1,0 +1,265 @@
+"""Per-prompt training targets of every task, from a ``Sample``.
+
+``build_targets`` works in **original pixels**; ``to_canvas`` maps the result onto the canvas of a
+``CanvasTransform`` (clipping, and dropping what the crop removed). Per task (docs/architecture.md):
+
+- trace: "A long image caption:" on the whole image -> the narrative's caption; every token but
+  EOS has a box (LN alignment); caption + location loss.
+- caption: the same prompt -> a caption; no location; caption loss.
+- refer: "where is {expression}" on the whole image -> the expression; only the last word (the
+  token before EOS) has a box, the object's; location loss.
+- refseg: as refer, plus the object's mask; location + mask loss.
+- region: "an object of" with the region's box as location prompt -> the region's text; caption loss.
+- densecap: region prompts for the sampled regions, and every region box as ``gt_boxes``;
+  caption + detection loss.
+
+Candidates are narratives (trace), captions (caption), or ``(region, text)`` pairs; ``max_prompts``
+keeps a random subset (with ``rng``) or the first ones (without).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from pixelllm.config import DEFAULT_PROMPTS
+from pixelllm.data.coco import decode_segmentation
+from pixelllm.data.ln import ALIGNMENTS
+from pixelllm.data.samples import Sample
+from pixelllm.data.transforms import CanvasTransform, clip_boxes, touches
+from pixelllm.errors import ConfigError
+from pixelllm.tokenization import encode_prompt, encode_target
+
+TASKS = ("trace", "caption", "refer", "refseg", "region", "densecap")
+
+
+@dataclass
+class PromptTarget:
+    """One prompt on an image and what it should produce.
+
+    Coordinates are in the frame of the enclosing ``ImageTargets`` (original or canvas pixels).
+    ``label_boxes`` float64 ``(Lt, 4)`` and ``label_box_mask`` bool ``(Lt,)`` align with
+    ``label_ids`` (tokens then EOS); ``mask`` is bool ``(H, W)`` (original) or ``(S, S)`` (canvas).
+    ``region`` is the index in ``sample.regions`` of the object the prompt is about.
+    """
+
+    task: str
+    text: str
+    prompt_ids: list[int]
+    prompt_box: np.ndarray
+    label_ids: list[int]
+    label_boxes: np.ndarray
+    label_box_mask: np.ndarray
+    caption_weight: float
+    location_weight: float
+    prompt_is_point: bool = False
+    mask: np.ndarray | None = None
+    mask_weight: float = 0.0
+    region: int | None = None
+    region_id: str | None = None
+    target_box: np.ndarray | None = None  # the object's box in original pixels (evaluation)
+
+
+@dataclass
+class ImageTargets:
+    """All prompts on one image, plus ``gt_boxes`` float64 ``(M, 4)`` for the detection head."""
+
+    frame: str  # "original" or "canvas"
+    prompts: list[PromptTarget]
+    gt_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    detection_weight: float = 0.0
+
+
+def build_targets(
+    sample: Sample,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    image_size: tuple[int, int],
+    *,
+    rng: np.random.Generator | None = None,
+    max_prompts: int | None = None,
+    max_text_tokens: int = 128,
+    alignment: str = "official",
+    prompts: dict[str, str] | None = None,
+) -> ImageTargets:
+    """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if alignment not in ALIGNMENTS:
+        raise ConfigError(f"unknown LN alignment {alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
+    builder = _Builder(tokenizer, image_size, max_text_tokens, {**DEFAULT_PROMPTS, **(prompts or {})})
+    if task == "trace":
+        chosen = _choose(sample.narratives, max_prompts, rng)
+        return ImageTargets("original", [builder.trace(n, ALIGNMENTS[alignment]) for n in chosen])
+    if task == "caption":
+        return ImageTargets(
+            "original", [builder.caption(c) for c in _choose(sample.captions, max_prompts, rng)]
+        )
+    pairs = [
+        (i, text)
+        for i, region in enumerate(sample.regions)
+        for text in region.texts
+        if task != "refseg" or region.segmentation is not None
+    ]
+    chosen = _choose(pairs, max_prompts, rng)
+    if task in ("refer", "refseg"):
+        return ImageTargets("original", [builder.refer(sample, i, text, task) for i, text in chosen])
+    targets = ImageTargets("original", [builder.region(sample, i, text, task) for i, text in chosen])
+    if task == "densecap":
+        targets.gt_boxes = np.array([r.box for r in sample.regions], dtype=np.float64).reshape(-1, 4)
+        targets.detection_weight = 1.0
+    return targets
+
+
+def _choose(items: list, limit: int | None, rng: np.random.Generator | None) -> list:
+    if limit is None or len(items) <= limit:
+        return list(items)
+    if rng is None:
+        return list(items[:limit])
+    return [items[i] for i in sorted(rng.choice(len(items), size=limit, replace=False))]
+
+
+@dataclass
+class _Builder:
+    tokenizer: PreTrainedTokenizerBase
+    image_size: tuple[int, int]
+    max_text_tokens: int
+    prompts: dict[str, str]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # decoded once per region
+
+    def _base(
+        self,
+        task: str,
+        prompt_text: str,
+        text: str,
+        prompt_box,
+        caption_weight: float,
+        location_weight: float,
+        **extra,
+    ) -> PromptTarget:
+        ids = encode_target(self.tokenizer, text, self.max_text_tokens).ids
+        return PromptTarget(
+            task,
+            text,
+            encode_prompt(self.tokenizer, prompt_text),
+            np.asarray(prompt_box, np.float64),
+            ids,
+            np.zeros((len(ids), 4)),
+            np.zeros(len(ids), bool),
+            caption_weight,
+            location_weight,
+            **extra,
+        )
+
+    def whole_image(self) -> np.ndarray:
+        return np.array([0.0, 0.0, *self.image_size], dtype=np.float64)
+
+    def trace(self, narrative, align) -> PromptTarget:
+        target = encode_target(self.tokenizer, narrative.caption, self.max_text_tokens)
+        aligned = align(narrative, target)
+        return PromptTarget(
+            "trace",
+            narrative.caption,
+            encode_prompt(self.tokenizer, self.prompts["trace"]),
+            self.whole_image(),
+            target.ids,
+            aligned.to_pixels(self.image_size),
+            aligned.mask.copy(),
+            1.0,
+            1.0,
+        )
+
+    def caption(self, text: str) -> PromptTarget:
+        return self._base("caption", self.prompts["trace"], text, self.whole_image(), 1.0, 0.0)
+
+    def refer(self, sample: Sample, index: int, text: str, task: str) -> PromptTarget:
+        region = sample.regions[index]
+        box = np.asarray(region.box, np.float64)
+        extra = {}
+        if task == "refseg":
+            if index not in self.masks:
+                w, h = self.image_size
+                self.masks[index] = decode_segmentation(region.segmentation, h, w)
+            extra = {"mask": self.masks[index], "mask_weight": 1.0}
+        p = self._base(
+            task,
+            self.prompts["refer"].format(expression=text),
+            text,
+            self.whole_image(),
+            0.0,
+            1.0,
+            region=index,
+            region_id=region.region_id,
+            target_box=box,
+            **extra,
+        )
+        last_word = len(p.label_ids) - 2  # the token before EOS
+        if last_word >= 0:
+            p.label_boxes[last_word], p.label_box_mask[last_word] = box, True
+        return p
+
+    def region(self, sample: Sample, index: int, text: str, task: str) -> PromptTarget:
+        region = sample.regions[index]
+        box = np.asarray(region.box, np.float64)
+        return self._base(
+            task,
+            self.prompts["region"],
+            text,
+            box,
+            1.0,
+            0.0,
+            region=index,
+            region_id=region.region_id,
+            target_box=box,
+        )
+
+
+def to_canvas(targets: ImageTargets, transform: CanvasTransform) -> tuple[ImageTargets, Counter[str]]:
+    """Map original-pixel targets onto the canvas; also return what was dropped, by reason.
+
+    A prompt is dropped when its box (or the box of the object it is about) has no area left on
+    the canvas (``object left the crop``) or its mask has no pixel left; trace tokens whose box
+    misses the image lose their location target; ``gt_boxes`` with no area left are dropped.
+    A whole-image prompt box becomes ``transform.valid_box``. ``target_box`` stays in original
+    pixels (for evaluation).
+    """
+    if targets.frame != "original":
+        raise ValueError(f"targets are already in the {targets.frame} frame")
+    valid = transform.valid_box
+    dropped: Counter[str] = Counter()
+    prompts = []
+    for p in targets.prompts:
+        mapped = _prompt_to_canvas(p, transform, valid)
+        if isinstance(mapped, str):
+            dropped[mapped] += 1
+        else:
+            prompts.append(mapped)
+    gt_boxes, keep = clip_boxes(transform.boxes_to_canvas(targets.gt_boxes), valid)
+    dropped["box left the crop"] += int((~keep).sum())
+    return ImageTargets("canvas", prompts, gt_boxes[keep], targets.detection_weight), +dropped
+
+
+def _prompt_to_canvas(p: PromptTarget, transform: CanvasTransform, valid: np.ndarray) -> PromptTarget | str:
+    prompt_box = transform.boxes_to_canvas(p.prompt_box)
+    visible = touches(prompt_box, valid) if p.prompt_is_point else clip_boxes(prompt_box, valid)[1]
+    if p.target_box is not None:
+        visible = visible and clip_boxes(transform.boxes_to_canvas(p.target_box), valid)[1]
+    if not visible:
+        return "object left the crop"
+    boxes = transform.boxes_to_canvas(p.label_boxes)
+    label_mask = p.label_box_mask & touches(boxes, valid)
+    mask = None
+    if p.mask is not None:
+        mask = transform.mask_to_canvas(p.mask)
+        if p.mask_weight > 0 and not mask.any():
+            return "mask left the crop"
+    return replace(
+        p,
+        prompt_box=clip_boxes(prompt_box, valid)[0],
+        label_boxes=clip_boxes(boxes, valid)[0],
+        label_box_mask=label_mask,
+        mask=mask,
+    )
