@@ -68,6 +68,9 @@ class ProposalHeadConfig:
 
     width: int = 256
     scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # pyramid levels, relative to the fused feature map
+    top_blocks: int = 2  # extra stride-2 levels above the coarsest scale (ViTDet's p6, p7)
+    tower_depth: int = 4  # conv + GroupNorm + ReLU layers shared by the heatmap and box outputs
+    pre_nms_topk: int = 1000  # highest-scoring cells over all levels that enter NMS
     max_proposals: int = 100
     nms_iou: float = 0.5
     score_threshold: float = 0.05
@@ -268,7 +271,7 @@ def _tiny() -> PixelLLMConfig:
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128),
         location_head=LocationHeadConfig(hidden=128, depth=3),
         mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
-        proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5)),
+        proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5), top_blocks=1),
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
         max_text_tokens=64,
