@@ -83,4 +83,6 @@ def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
         "label_boxes": label_boxes, "label_box_mask": label_box_mask,
         "caption_weight": torch.tensor([1.0, 1.0, 0.0]), "location_weight": torch.tensor([1.0, 0.0, 1.0]),
         "gt_masks": gt_masks, "mask_weight": torch.tensor([0.0, 0.0, 1.0]),
+        "gt_boxes": torch.tensor([[[10.0, 20, 60, 90], [80, 80, 150, 140]], [[30, 30, 70, 60], [0, 0, 0, 0]]]),
+        "gt_boxes_mask": torch.tensor([[True, True], [True, False]]), "detection_weight": torch.ones(2),
     }

@@ -34,6 +34,7 @@ from pixelllm.model.language import language_model
 from pixelllm.model.masks import MaskAdapter, MaskHead
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
+from pixelllm.model.proposals import ProposalHead
 from pixelllm.model.vision import DualImageEncoder
 
 VISION_TOWERS = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
@@ -73,7 +74,8 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     head = LocationHead(language.hidden_size, config.location_head.hidden, config.location_head.depth)
     adapter = MaskAdapter(config.mask_head, language.hidden_size, prompt_encoder.dim)
     masks = MaskHead(sam.mask_decoder, adapter, frozen=config.freeze_sam)
-    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, tokenizer=tokenizer)
+    proposals = ProposalHead(config.proposal_head, vision.out_channels, config.image_size)
+    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, tokenizer=tokenizer)
 
 
 def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: str | os.PathLike | None = None,

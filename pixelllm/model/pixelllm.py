@@ -19,6 +19,7 @@ from pixelllm.model.language import LanguageModel
 from pixelllm.model.losses import location_l1, smoothed_cross_entropy
 from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead, mask_loss, upsample_masks
 from pixelllm.model.prompt import PromptEncoder
+from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead
 from pixelllm.model.vision import DualImageEncoder
 
 WEIGHTS_NAME = "model.safetensors"
@@ -61,13 +62,13 @@ class PixelLLM(nn.Module):
 
     Receives its parts (see ``pixelllm.model.build`` for the builders):
     ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
-    ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter); and the
-    tokenizer of the LM.
+    ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
+    ``proposal_head`` (dense captioning's detector); and the tokenizer of the LM.
     """
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel, location_head: LocationHead,
-                 mask_head: MaskHead, tokenizer=None):
+                 mask_head: MaskHead, proposal_head: ProposalHead, tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -76,6 +77,7 @@ class PixelLLM(nn.Module):
         self.language = language
         self.location_head = location_head
         self.mask_head = mask_head
+        self.proposal_head = proposal_head
         self.tokenizer = tokenizer
 
     @property
@@ -122,6 +124,11 @@ class PixelLLM(nn.Module):
                                       text, text_mask)
         return upsample_masks(low_res, self.config.image_size), iou
 
+    def propose(self, images: ImageFeatures, max_proposals: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Class-agnostic proposals per image: ``(boxes (K, 4) canvas pixels, scores (K,))``, best first."""
+        outputs = self.proposal_head(images.features)
+        return self.proposal_head.proposals(outputs, images.valid_size, max_proposals=max_proposals)
+
     # ------------------------------------------------------------------------------------------
     # Training
 
@@ -144,6 +151,12 @@ class PixelLLM(nn.Module):
             losses.update(self._mask_losses(batch, images, visual, hidden, token_boxes))
             loss = loss + FOCAL_WEIGHT * losses["mask_focal"] + DICE_WEIGHT * losses["mask_dice"] \
                 + IOU_WEIGHT * losses["mask_iou"]
+        if "gt_boxes" in batch and bool((batch["detection_weight"] > 0).any()):
+            outputs = self.proposal_head(images.features)
+            detection = self.proposal_head.loss(outputs, batch["gt_boxes"], batch["gt_boxes_mask"],
+                                                batch["detection_weight"])
+            losses.update({f"detection_{name}": value for name, value in detection.items()})
+            loss = loss + HEATMAP_LOSS_WEIGHT * detection["heatmap"] + BOX_LOSS_WEIGHT * detection["box"]
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:

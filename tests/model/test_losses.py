@@ -56,14 +56,15 @@ def test_task_gates_switch_terms_off():
         off = dict(batch, caption_weight=torch.zeros(3))
         out = model(off)
         assert out.losses["text"].item() == 0 and out.losses["location"].item() > 0
-        off = dict(batch, location_weight=torch.zeros(3), mask_weight=torch.zeros(3))
+        off = dict(batch, location_weight=torch.zeros(3), mask_weight=torch.zeros(3), detection_weight=torch.zeros(2))
         out = model(off)
         assert out.losses["location"].item() == 0 and out.losses["text"].item() > 0
         assert "mask_focal" not in out.losses
         assert math.isclose(out.loss.item(), out.losses["text"].item(), rel_tol=1e-6)
         out = model(batch)
         mask_terms = 20 * out.losses["mask_focal"] + out.losses["mask_dice"] + out.losses["mask_iou"]
-        expected = out.losses["text"] + 0.1 * out.losses["location"] + mask_terms
+        detection_terms = 0.5 * out.losses["detection_heatmap"] + out.losses["detection_box"]
+        expected = out.losses["text"] + 0.1 * out.losses["location"] + mask_terms + detection_terms
         assert mask_terms.item() > 0 and math.isclose(out.loss.item(), expected.item(), rel_tol=1e-6)
         # gating a prompt off gives the loss of the batch without that prompt's tokens
         one_off = model(dict(batch, caption_weight=torch.tensor([1.0, 0.0, 0.0]))).losses["text"]

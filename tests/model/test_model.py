@@ -12,7 +12,8 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
-    assert {"text", "location", "mask_focal", "mask_dice", "mask_iou"} <= set(out.losses)
+    assert {"text", "location", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap", "detection_box"} \
+        == set(out.losses)
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
@@ -33,10 +34,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(family):
     model = tiny_model(family, frozen=True).train()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower, mask adapter.
+    # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower, mask adapter,
+    # proposal head.
     for name in trainable:
-        assert name.startswith(("extractor.", "location_head.", "vision.semantic.", "mask_head.adapter.")) \
-            or "lora_" in name, name
+        trains = ("extractor.", "location_head.", "vision.semantic.", "mask_head.adapter.", "proposal_head.")
+        assert name.startswith(trains) or "lora_" in name, name
     lora = {name for name in trainable if "lora_" in name}
     q_v = ("q", "v") if family == "t5" else ("q_proj", "v_proj")
     assert lora and all(name.split(".lora_")[0].rsplit(".", 1)[-1] in q_v for name in lora)
