@@ -1,0 +1,302 @@
+"""The user-facing tasks on an image encoded once: caption (with a trace), locate, segment, dense captions.
+
+    predictor = pixelllm.load()                  # the embedded default, or load(path)
+    image = predictor.encode("photo.jpg")        # features computed once
+    image.caption()                              # Caption(text, words); each word has a box and point
+    image.caption(box=[x0, y0, x1, y1])          # a caption of that region
+    image.locate("the red circle")               # [x0, y0, x1, y1]
+    image.segment("the red circle")              # Segmentation(box, mask)
+    image.dense_caption()                        # [Region(box, score, caption)]
+
+Every coordinate in and out is in pixels of the original image. Decoding follows the official
+settings: captions beam 4 with length penalty 0.6; referring expressions beam 3, at most 40
+tokens; region and dense captions greedy, at most 40 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixelllm.data.images import load_image
+from pixelllm.data.transforms import CanvasTransform, prepare_image
+from pixelllm.data.words import words_from_ids
+from pixelllm.errors import InputError
+from pixelllm.generation import GenerationOutput, generate
+from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
+from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.tokenization import encode_prompt
+
+CAPTION_DECODING = {"num_beams": 4, "length_penalty": 0.6}
+REFER_DECODING = {"num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 40}
+REGION_DECODING = {"num_beams": 1, "max_new_tokens": 40}
+
+
+@dataclass
+class _Prompt:
+    """One decoding request on the canvas: a location prompt (box or point) and a text prompt."""
+
+    box: np.ndarray  # (4,) canvas pixels
+    is_point: bool
+    text: str
+
+
+class Predictor:
+    """A PixelLLM with its pre- and post-processing: images in, results in original pixels out."""
+
+    def __init__(self, model: PixelLLM, device: str | torch.device | None = None):
+        if model.tokenizer is None:
+            raise InputError("this checkpoint has no tokenizer files; the tasks need one")
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.tokenizer = model.tokenizer
+        self.prompts = model.config.prompts
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.no_grad()
+    def encode(self, image) -> EncodedImage:
+        """Encode one image (a path, PIL image or ``H x W x 3`` uint8 array) for any number of prompts."""
+        return self.encode_batch([image])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, images) -> list[EncodedImage]:
+        """Encode many images in one pass of the image encoders."""
+        loaded = [load_image(image) for image in images]
+        if not loaded:
+            return []
+        prepared = [prepare_image(image, self.model.config.image_size) for image in loaded]
+        pixel_values = torch.stack([p[0] for p in prepared]).to(self.device)
+        pixel_mask = torch.stack([p[1] for p in prepared]).to(self.device)
+        features = self.model.encode_images(pixel_values, pixel_mask)
+        return [EncodedImage(self, features.select(torch.tensor([i], device=self.device)), p[2])
+                for i, p in enumerate(prepared)]
+
+    def caption_batch(self, images, **decoding) -> list[Caption]:
+        """Traced captions of many images, encoded and decoded together."""
+        encoded = self.encode_batch(images)
+        if not encoded:
+            return []
+        features = ImageFeatures(*(torch.cat(parts) for parts in zip(
+            *((e.features.features, e.features.sam_embeddings, e.features.valid_size) for e in encoded),
+            strict=True)))
+        requests = [e._trace_prompt() for e in encoded]
+        index = torch.arange(len(encoded), device=self.device)
+        out = self._generate(features, index, requests, **{**CAPTION_DECODING, **decoding})
+        return [e._caption(out, i) for i, e in enumerate(encoded)]
+
+    @torch.no_grad()
+    def _generate(self, features: ImageFeatures, image_index: torch.Tensor, requests: list[_Prompt],
+                  **decoding) -> GenerationOutput:
+        decoding.setdefault("max_new_tokens", self.model.config.max_text_tokens)
+        ids = [encode_prompt(self.tokenizer, r.text) for r in requests]
+        length = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(ids), length, dtype=torch.long)
+        for row, row_ids in enumerate(ids):
+            input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
+            attention_mask[row, : len(row_ids)] = 1
+        boxes = torch.tensor(np.stack([r.box for r in requests]), dtype=torch.float32, device=self.device)
+        is_point = torch.tensor([r.is_point for r in requests], device=self.device)
+        return generate(self.model, features, image_index, boxes, is_point, input_ids.to(self.device),
+                        attention_mask.to(self.device), **decoding)
+
+
+class EncodedImage:
+    """An image encoded once; every task method reuses its features."""
+
+    def __init__(self, predictor: Predictor, features: ImageFeatures, transform: CanvasTransform):
+        self.predictor = predictor
+        self.features = features
+        self.transform = transform
+        self.image_size = tuple(transform.original_size)  # (W, H)
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def caption(self, box=None, point=None, prompt: str | None = None, **decoding) -> Caption:
+        """A caption with a box and point for every word.
+
+        Without a location prompt: the whole image and the long-caption prompt (a traced caption,
+        beam 4). With ``box`` ``[x0, y0, x1, y1]`` or ``point`` ``[x, y]``: a caption of that region
+        (the region prompt, greedy). ``prompt`` replaces the text prompt.
+        """
+        if box is not None and point is not None:
+            raise InputError("give a box or a point, not both")
+        if box is None and point is None:
+            request, options = self._trace_prompt(), CAPTION_DECODING
+        else:
+            canvas, is_point = (self._check_box(box), False) if box is not None else (self._check_point(point), True)
+            request, options = _Prompt(canvas, is_point, self.predictor.prompts["region"]), REGION_DECODING
+        if prompt is not None:
+            request.text = _check_text(prompt, "prompt")
+        out = self._decode([request], **{**options, **decoding})
+        return self._caption(out, 0)
+
+    def caption_regions(self, boxes, **decoding) -> list[Caption]:
+        """Captions of many regions of this image, decoded together in one batch."""
+        requests = [_Prompt(self._check_box(b), False, self.predictor.prompts["region"]) for b in boxes]
+        if not requests:
+            return []
+        out = self._decode(requests, **{**REGION_DECODING, **decoding})
+        return [self._caption(out, i) for i in range(len(requests))]
+
+    def locate(self, expression: str, **decoding) -> list[float]:
+        """The box ``[x0, y0, x1, y1]`` of a referring expression."""
+        return self._locate(expression, **decoding)[0]
+
+    def segment(self, expression: str, **decoding) -> Segmentation:
+        """The box and ``(H, W)`` bool mask of a referring expression."""
+        box, out, request = self._locate(expression, **decoding)
+        model = self.predictor.model
+        index = torch.zeros(1, dtype=torch.long, device=self.predictor.device)
+        with torch.no_grad():
+            visual = self._visual_tokens([request])
+            sequence = out.sequences[0] or _fallback_ids(self.predictor.tokenizer, expression)
+            hidden, ids = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, request.text, sequence)
+            canvas_box = torch.tensor(self.transform.boxes_to_canvas(box), dtype=torch.float32,
+                                      device=self.predictor.device)[None]
+            logits, iou = model.mask_logits(self.features, index, canvas_box, visual, hidden,
+                                            torch.ones_like(ids, dtype=torch.bool))
+        mask = self._mask_to_original(logits[0])
+        return Segmentation(expression, box, mask, self.image_size, float(iou[0]))
+
+    def dense_caption(self, max_regions: int | None = None, **decoding) -> list[Region]:
+        """Detected regions, each with its caption, best score first."""
+        if max_regions is not None and max_regions < 1:
+            raise InputError(f"max_regions must be at least 1, got {max_regions}")
+        with torch.no_grad():
+            boxes, scores = self.predictor.model.propose(self.features, max_proposals=max_regions)[0]
+        if len(boxes) == 0:
+            return []
+        requests = [_Prompt(b, False, self.predictor.prompts["region"]) for b in boxes.cpu().numpy()]
+        out = self._decode(requests, **{**REGION_DECODING, **decoding})
+        regions = []
+        for i, score in enumerate(scores.tolist()):
+            caption = self._caption(out, i)
+            box = self.transform.boxes_to_original(boxes[i].cpu().numpy())
+            regions.append(Region(_clip_box(box, self.image_size), score, caption.text, caption.words))
+        return regions
+
+    # -- shared steps --------------------------------------------------------------------------
+
+    def _trace_prompt(self) -> _Prompt:
+        return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"])
+
+    def _decode(self, requests: list[_Prompt], **decoding) -> GenerationOutput:
+        index = torch.zeros(len(requests), dtype=torch.long, device=self.predictor.device)
+        return self.predictor._generate(self.features, index, requests, **decoding)
+
+    def _visual_tokens(self, requests: list[_Prompt]) -> torch.Tensor:
+        device = self.predictor.device
+        boxes = torch.tensor(np.stack([r.box for r in requests]), dtype=torch.float32, device=device)
+        is_point = torch.tensor([r.is_point for r in requests], device=device)
+        index = torch.zeros(len(requests), dtype=torch.long, device=device)
+        return self.predictor.model.visual_tokens(self.features, index, boxes, is_point)
+
+    def _locate(self, expression: str, **decoding):
+        expression = _check_text(expression, "expression")
+        request = _Prompt(self._trace_prompt().box, False,
+                          self.predictor.prompts["refer"].format(expression=expression))
+        out = self._decode([request], **{**REFER_DECODING, **decoding})
+        if out.sequences[0]:
+            canvas_box = out.boxes[0][-1]  # the location at the last word: the step before EOS
+        else:  # the model stopped at once: read the box at the expression's last word instead
+            model = self.predictor.model
+            with torch.no_grad():
+                visual = self._visual_tokens([request])
+                hidden, _ = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, request.text,
+                                                   _fallback_ids(self.predictor.tokenizer, expression))
+                canvas_box = model.location_head(hidden[:, -1], self.features.valid_size)[0]
+        box = _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
+        return box, out, request
+
+    def _caption(self, out: GenerationOutput, row: int) -> Caption:
+        ids = out.sequences[row]
+        boxes = self.transform.boxes_to_original(out.boxes[row].cpu().numpy()) if ids else np.zeros((0, 4))
+        boxes = np.stack([_clip_box(b, self.image_size) for b in boxes]) if len(boxes) else boxes
+        words = words_from_ids(self.predictor.tokenizer, ids, boxes)
+        text = self.predictor.tokenizer.decode(ids, skip_special_tokens=True)
+        return Caption(text, words, self.image_size, float(out.scores[row]))
+
+    def _mask_to_original(self, canvas_logits: torch.Tensor) -> np.ndarray:
+        """``(S, S)`` canvas logits -> ``(H, W)`` bool: crop the image area, resize bilinearly, threshold."""
+        cw, ch = self.transform.content_size
+        width, height = self.image_size
+        logits = canvas_logits[:ch, :cw][None, None].float()
+        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return (logits[0, 0] > 0).cpu().numpy()
+
+    def _check_box(self, box) -> np.ndarray:
+        values = _numbers(box, 4, "box")
+        x0, y0, x1, y1 = values
+        width, height = self.image_size
+        if x1 <= x0 or y1 <= y0:
+            raise InputError(f"box {_show(values)} needs x1 > x0 and y1 > y0")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise InputError(f"box {_show(values)} is outside the {width}x{height} image")
+        return self.transform.boxes_to_canvas(values).astype(np.float32)
+
+    def _check_point(self, point) -> np.ndarray:
+        values = _numbers(point, 2, "point")
+        width, height = self.image_size
+        if not (0 <= values[0] <= width and 0 <= values[1] <= height):
+            raise InputError(f"point {_show(values)} is outside the {width}x{height} image")
+        x, y = self.transform.points_to_canvas(values)
+        return np.array([x, y, x, y], dtype=np.float32)
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Predictor:
+    """Load a checkpoint directory (default: the embedded model that ships with the package)."""
+    from pixelllm.assets import default_checkpoint
+
+    return Predictor(PixelLLM.from_pretrained(path or default_checkpoint()), device=device)
+
+
+def _teacher_forced_hidden(model: PixelLLM, visual: torch.Tensor, tokenizer, prompt: str, sequence: list[int]):
+    """Hidden states ``(1, L, D)`` whose inputs are the tokens of ``sequence``, and the ids ``(1, L)``."""
+    ids = encode_prompt(tokenizer, prompt)
+    device = visual.device
+    labels = torch.tensor([[*sequence, model.language.eos_token_id]], device=device)
+    hidden, _ = model.language(visual, torch.tensor([ids], device=device),
+                               torch.ones(1, len(ids), dtype=torch.long, device=device), labels)
+    return hidden[:, 1:], labels[:, :-1]
+
+
+def _fallback_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_text(text, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"empty {what}: give at least one word")
+    return text.strip()
+
+
+def _numbers(values, count: int, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be {count} numbers, got {values!r}") from None
+    if array.size != count or not all(math.isfinite(v) for v in array):
+        raise InputError(f"{what} must be {count} finite numbers, got {values!r}")
+    return array
+
+
+def _clip_box(box: np.ndarray, image_size: tuple[int, int]) -> list[float]:
+    width, height = image_size
+    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64)
+    x0, x1 = sorted((float(np.clip(x0, 0, width)), float(np.clip(x1, 0, width))))
+    y0, y1 = sorted((float(np.clip(y0, 0, height)), float(np.clip(y1, 0, height))))
+    return [x0, y0, x1, y1]
+
+
+def _show(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
