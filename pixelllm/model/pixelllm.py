@@ -124,7 +124,8 @@ class PixelLLM(nn.Module):
                                       text, text_mask)
         return upsample_masks(low_res, self.config.image_size), iou
 
-    def propose(self, images: ImageFeatures, max_proposals: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def propose(self, images: ImageFeatures,
+                max_proposals: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Class-agnostic proposals per image: ``(boxes (K, 4) canvas pixels, scores (K,))``, best first."""
         outputs = self.proposal_head(images.features)
         return self.proposal_head.proposals(outputs, images.valid_size, max_proposals=max_proposals)
