@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -137,7 +139,7 @@ def default_workers() -> int:
 
 
 def _draw_all(tasks: list[tuple[str, str, int, int]], workers: int, bar: tqdm) -> list[dict[str, Any]]:
-    """Run the tasks in order, in a process pool when it pays off."""
+    """Run the tasks and return their records in task order, in worker processes when it pays."""
     if workers == 1 or len(tasks) < 4 * workers:
         records = []
         for task in tasks:
@@ -145,13 +147,19 @@ def _draw_all(tasks: list[tuple[str, str, int, int]], workers: int, bar: tqdm) -
             bar.update()
         return records
     chunk = max(1, min(32, len(tasks) // (8 * workers)))
+    records = []
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a forked child would inherit.
-    with get_context("spawn").Pool(workers) as pool:
-        records = []
-        for record in pool.imap(_draw_and_save, tasks, chunksize=chunk):
-            records.append(record)
-            bar.update()
-        return records
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        try:
+            for record in pool.map(_draw_and_save, tasks, chunksize=chunk):
+                records.append(record)
+                bar.update()
+        except BrokenProcessPool as error:
+            raise RuntimeError(
+                "synth worker processes died; a script that calls generate() with several workers "
+                "must do so under `if __name__ == '__main__':`"
+            ) from error
+    return records
 
 
 def generate(

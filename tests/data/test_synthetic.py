@@ -303,6 +303,9 @@ def test_trace_is_over_each_object_while_its_words_are_said(world: Path, coco: C
                 windows.append(during[:, :2])
             over = [a for a in candidates if all(_share_inside(w, _xyxy(a)) >= 0.8 for w in windows)]
             assert over, (narrative["caption"], words[i : i + 2])
+            mask = coco.annToMask(over[0]).astype(bool)
+            on_mask = [mask[w[:, 1].astype(int), w[:, 0].astype(int)].mean() for w in windows]
+            assert min(on_mask) >= 0.8, "the mouse should be over the shape itself, not only its box"
             mentioned.add((words[i], words[i + 1]))
         assert mentioned == {(a["color"], shape_of[a["category_id"]]) for a in annotations}
 

@@ -195,49 +195,57 @@ def sample_objects(
             obj, mask = result
             labels[mask] = len(placed)
             placed.append(obj)
-            blocked |= _dilate(mask, MASK_GAP)
+            x0, y0, x1, y1 = obj.box
+            near = np.s_[max(0, y0 - MASK_GAP) : y1 + MASK_GAP, max(0, x0 - MASK_GAP) : x1 + MASK_GAP]
+            blocked[near] |= _dilate(mask[near], MASK_GAP)
     return tuple(placed), labels
 
 
+_REFERENCES = np.array(list(COLORS.values()), dtype=np.float64)
+
+
+def _far_from_objects(rgb: np.ndarray) -> bool:
+    """Whether ``rgb`` is at least ``BACKGROUND_MIN_DISTANCE`` from every object color."""
+    return bool(np.linalg.norm(_REFERENCES - rgb, axis=1).min() >= BACKGROUND_MIN_DISTANCE)
+
+
 def _midtone(rng: np.random.Generator) -> np.ndarray:
-    """A muted mid-tone RGB at least ``BACKGROUND_MIN_DISTANCE`` from every object color."""
-    references = np.array(list(COLORS.values()), dtype=np.float64)
+    """A muted mid-tone RGB far from every object color."""
     for _ in range(100):
         rgb = rng.uniform(85, 170) + rng.uniform(-30, 30, size=3)
-        if np.linalg.norm(references - rgb, axis=1).min() >= BACKGROUND_MIN_DISTANCE:
+        if _far_from_objects(rgb):
             return rgb
     return np.full(3, 128.0)
 
 
 def _gradient(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """A linear blend between two mid-tones along a random direction, as float (H, W, 3)."""
+    """A linear blend between two mid-tones along a random direction, as float32 (H, W, 3)."""
     start, end = _midtone(rng), _midtone(rng)
-    angle = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    along = xs * np.cos(angle) + ys * np.sin(angle)
-    along = (along - along.min()) / max(np.ptp(along), 1e-6)
-    # Halfway between two far-from-object colors can still come near one; keep the middle honest.
-    middle = (start + end) / 2
-    references = np.array(list(COLORS.values()), dtype=np.float64)
-    if np.linalg.norm(references - middle, axis=1).min() < BACKGROUND_MIN_DISTANCE:
+    # Halfway between two colors far from the objects' can still come near one: then stay flat.
+    if not _far_from_objects((start + end) / 2):
         end = start
-    return start + along[..., None] * (end - start)
+    angle = rng.uniform(0, 2 * np.pi)
+    along = np.arange(width, dtype=np.float32)[None, :] * np.float32(np.cos(angle)) + np.arange(
+        height, dtype=np.float32
+    )[:, None] * np.float32(np.sin(angle))
+    along = (along - along.min()) / max(float(np.ptp(along)), 1e-6)
+    return start.astype(np.float32) + along[..., None] * (end - start).astype(np.float32)
 
 
 def _noisy(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """A mid-tone with low-frequency blotches and per-pixel grain, as float (H, W, 3)."""
+    """A mid-tone with low-frequency blotches and per-pixel grain, as float32 (H, W, 3)."""
     grid = rng.normal(0, rng.uniform(8, 16), size=(int(rng.integers(3, 9)), int(rng.integers(3, 9))))
     blotches = np.asarray(
         Image.fromarray(grid.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
     )
-    grain = rng.normal(0, rng.uniform(3, 9), size=(height, width, 3))
-    return _midtone(rng) + blotches[..., None] + grain
+    grain = rng.standard_normal((height, width, 3), dtype=np.float32) * np.float32(rng.uniform(3, 9))
+    return _midtone(rng).astype(np.float32) + blotches[..., None] + grain
 
 
 def render_background(kind: str, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     """A (H, W, 3) uint8 background of ``kind`` (flat, gradient or noisy)."""
     if kind == "flat":
-        pixels = np.broadcast_to(_midtone(rng), (height, width, 3))
+        pixels = np.broadcast_to(_midtone(rng).astype(np.float32), (height, width, 3))
     elif kind == "gradient":
         pixels = _gradient(width, height, rng)
     else:

@@ -80,7 +80,8 @@ def runs(words: list[Word], times: list[tuple[float, float]]) -> list[Run]:
 @dataclass(frozen=True)
 class Target:
     """What the mouse scribbles over: a box, the point the loop turns around, and for an object
-    its (H, W) mask, which the scribble never leaves."""
+    its mask cut to its box (top-left pixel at the box's corner), which the scribble never
+    leaves."""
 
     box: Box
     center: np.ndarray
@@ -91,9 +92,12 @@ class Target:
         if self.mask is None:
             return np.ones(len(points), dtype=bool)
         height, width = self.mask.shape
-        columns = np.clip(points[:, 0].astype(int), 0, width - 1)
-        rows = np.clip(points[:, 1].astype(int), 0, height - 1)
-        return self.mask[rows, columns]
+        columns = np.floor(points[:, 0] - self.box[0]).astype(int)
+        rows = np.floor(points[:, 1] - self.box[1]).astype(int)
+        within = (columns >= 0) & (columns < width) & (rows >= 0) & (rows < height)
+        result = np.zeros(len(points), dtype=bool)
+        result[within] = self.mask[rows[within], columns[within]]
+        return result
 
     def pull_inside(self, points: np.ndarray) -> np.ndarray:
         """Points off the mask moved toward ``center`` until they are on it."""
@@ -114,9 +118,10 @@ def target(scene: Scene, focus: Focus) -> Target:
     all objects' boxes, or the whole image for the background."""
     if isinstance(focus, int):
         obj = scene.objects[focus]
-        mask = rasterize(obj.polygon, scene.width, scene.height)
+        x0, y0, x1, y1 = obj.box
+        mask = rasterize(obj.polygon, scene.width, scene.height)[y0:y1, x0:x1]
         rows, columns = np.nonzero(mask)
-        return Target(obj.box, np.array([columns.mean() + 0.5, rows.mean() + 0.5]), mask)
+        return Target(obj.box, np.array([x0 + columns.mean() + 0.5, y0 + rows.mean() + 0.5]), mask)
     if focus == "scene":
         boxes = np.array([o.box for o in scene.objects], dtype=np.float64)
         box = (*boxes[:, :2].min(axis=0), *boxes[:, 2:].max(axis=0))
