@@ -5,14 +5,16 @@ region descriptions) with PNG images. See docs/shapes_world.md.
 Every image is a pure function of ``(split, seed, index)``: the same arguments give byte-identical
 files whatever the number of workers, and the splits never share a random stream or an image id.
 Image ids spell out where they come from: ``{split code}{seed:06d}{index:07d}`` (train 1, val 2,
-test 3), so ``1000042000017`` is image 17 of the train split drawn with seed 42.
+test 3), so ``10000420000017`` is image 17 of the train split drawn with seed 42.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -40,6 +42,7 @@ ANNOTATORS = 40
 HELD_OUT_SHARE = 0.1
 """Share of ``synth_main``'s images given to each of val and test."""
 PNG_COMPRESSION = 3
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -104,18 +107,17 @@ def _draw_and_save(task: tuple[str, str, int, int]) -> dict[str, Any]:
     return records
 
 
-def _check_arguments(num_images: int, seed: int, split: str, workers: int | None) -> None:
-    """Raise InputError, with a one-line message, on an argument ``generate`` cannot use."""
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or not 0 < num_images < IMAGE_LIMIT:
-        raise InputError(
-            f"the number of images must be an integer from 1 to {IMAGE_LIMIT - 1}, got {num_images!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise InputError(f"the seed must be an integer from 0 to {SEED_LIMIT - 1}, got {seed!r}")
+def _integer(value: object, what: str, low: int, high: int) -> int:
+    """``value`` as an int, or InputError (one line) when it is not an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise InputError(f"{what} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _check_split(split: object) -> str:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise InputError(f"workers must be a positive integer, got {workers!r}")
+    return str(split)
 
 
 def _writable_dir(out_dir: str | os.PathLike) -> Path:
@@ -133,33 +135,33 @@ def _writable_dir(out_dir: str | os.PathLike) -> Path:
 
 def default_workers() -> int:
     """One worker per CPU this process may use, at most 8."""
-    return max(
-        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    )
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, available))
+
+
+def _collect(results: Iterable[dict[str, Any]], bar: tqdm) -> list[dict[str, Any]]:
+    """The results as a list, advancing the progress bar as each arrives."""
+    records = []
+    for record in results:
+        records.append(record)
+        bar.update()
+    return records
 
 
 def _draw_all(tasks: list[tuple[str, str, int, int]], workers: int, bar: tqdm) -> list[dict[str, Any]]:
     """Run the tasks and return their records in task order, in worker processes when it pays."""
     if workers == 1 or len(tasks) < 4 * workers:
-        records = []
-        for task in tasks:
-            records.append(_draw_and_save(task))
-            bar.update()
-        return records
+        return _collect(map(_draw_and_save, tasks), bar)
     chunk = max(1, min(32, len(tasks) // (8 * workers)))
-    records = []
     # spawn, not fork: the caller may hold threads (torch, tqdm) that a forked child would inherit.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         try:
-            for record in pool.map(_draw_and_save, tasks, chunksize=chunk):
-                records.append(record)
-                bar.update()
+            return _collect(pool.map(_draw_and_save, tasks, chunksize=chunk), bar)
         except BrokenProcessPool as error:
             raise RuntimeError(
                 "synth worker processes died; a script that calls generate() with several workers "
                 "must do so under `if __name__ == '__main__':`"
             ) from error
-    return records
 
 
 def generate(
@@ -173,10 +175,12 @@ def generate(
     """Write ``num_images`` images of ``split`` drawn with ``seed`` into ``out_dir`` in every
     format (layout in docs/shapes_world.md), plus ``summary.json``. Files of an earlier run in
     ``out_dir`` are overwritten, not removed."""
-    _check_arguments(num_images, seed, split, workers)
+    num_images = _integer(num_images, "the number of images", 1, IMAGE_LIMIT - 1)
+    seed = _integer(seed, "the seed", 0, SEED_LIMIT - 1)
+    split = _check_split(split)
+    workers = default_workers() if workers is None else _integer(workers, "workers", 1, MAX_WORKERS)
     started = time.perf_counter()
     path = _writable_dir(out_dir)
-    workers = workers or default_workers()
     tasks = [(str(path / formats.IMAGES_DIR), split, seed, index) for index in range(num_images)]
     with tqdm(total=num_images, desc=f"synth {split}", unit="img", disable=not progress) as bar:
         records = _draw_all(tasks, workers, bar)
@@ -215,11 +219,8 @@ def synth_main(
     """``pixelllm synth``: write ``images`` images into ``out_dir/{split}/`` for each split (see
     ``split_sizes``), or all of them into ``out_dir/{split}/`` when ``split`` is given; prints one
     line per split."""
-    if split is not None and split not in SPLITS:
-        raise InputError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    if isinstance(images, bool) or not isinstance(images, int) or images <= 0:
-        raise InputError(f"--images must be a positive integer, got {images!r}")
-    sizes = {split: images} if split is not None else split_sizes(images)
+    images = _integer(images, "--images", 1, IMAGE_LIMIT - 1)
+    sizes = {_check_split(split): images} if split is not None else split_sizes(images)
     for name, count in sizes.items():
         summary = generate(Path(out_dir) / name, count, seed, name, workers=workers)
         print(

@@ -6,8 +6,6 @@ Frame: pixels of the image, x to the right, y down, with pixel ``i`` spanning ``
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 Box = tuple[float, float, float, float]
@@ -111,8 +109,3 @@ def position_phrases(box: Box, width: int, height: int) -> tuple[str, ...]:
     if column == 0 and row == 0:
         return ("in the middle", "in the center")
     return ()
-
-
-def distance(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """Euclidean distance between two points."""
-    return math.hypot(a[0] - b[0], a[1] - b[1])

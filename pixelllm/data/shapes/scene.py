@@ -139,19 +139,20 @@ def _fits(box: Box, placed: list[ShapeObject]) -> bool:
 
 def _place(
     attributes: tuple[str, str, str],
-    size_ranges: dict[str, tuple[float, float]],
     scene_size: tuple[int, int],
     placed: list[ShapeObject],
     blocked: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[ShapeObject, np.ndarray] | None:
     """Try to put one object where it stays inside the image, keeps ``MASK_GAP`` pixels from the
-    masks in ``blocked`` and overlaps other boxes little; returns it and its mask, or None."""
+    masks in ``blocked``, overlaps other boxes little and has its size's extent once rasterized;
+    returns it and its mask, or None."""
     color, shape, size = attributes
     width, height = scene_size
-    low, high = size_ranges[size]
+    low, high = (share * min(width, height) for share in SIZES[size])
     for _ in range(PLACEMENT_TRIES):
-        outline = unit_outline(shape, rng.uniform(low, high), rng)
+        # A pixel inside the limits: rasterizing moves the box's sides by about a pixel.
+        outline = unit_outline(shape, rng.uniform(low + 1, high - 1), rng)
         half = outline.max(axis=0)
         center = rng.uniform(half + 1, np.array([width, height]) - half - 1)
         polygon = tuple(float(v) for v in np.round(outline + center, 2).ravel())
@@ -162,18 +163,11 @@ def _place(
         if blocked[mask].any():
             continue
         box = _mask_box(mask)
-        if not _fits(box, placed):
+        if not low <= max(box[2] - box[0], box[3] - box[1]) <= high or not _fits(box, placed):
             continue
         obj = ShapeObject(color, shape, size, _jittered_rgb(color, rng), polygon, box, int(mask.sum()))
         return obj, mask
     return None
-
-
-def _size_ranges(width: int, height: int) -> dict[str, tuple[float, float]]:
-    """Longest-side ranges in pixels, one pixel inside the vocabulary's bounds so that the
-    rasterized box stays within them."""
-    short = min(width, height)
-    return {size: (low * short + 1, high * short - 1) for size, (low, high) in SIZES.items()}
 
 
 def sample_objects(
@@ -183,14 +177,13 @@ def sample_objects(
     (-1 on background). Large objects are placed first; one that does not fit is tried once
     small, then left out."""
     attributes = sorted(_sample_attributes(rng), key=lambda a: a[2] != "large")
-    size_ranges = _size_ranges(width, height)
     placed: list[ShapeObject] = []
     labels = np.full((height, width), -1, dtype=np.int8)
     blocked = np.zeros((height, width), dtype=bool)
     for color, shape, size in attributes:
-        result = _place((color, shape, size), size_ranges, (width, height), placed, blocked, rng)
+        result = _place((color, shape, size), (width, height), placed, blocked, rng)
         if result is None and size == "large":
-            result = _place((color, shape, "small"), size_ranges, (width, height), placed, blocked, rng)
+            result = _place((color, shape, "small"), (width, height), placed, blocked, rng)
         if result is not None:
             obj, mask = result
             labels[mask] = len(placed)

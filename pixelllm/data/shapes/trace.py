@@ -4,9 +4,9 @@ Times are seconds from the start of the recording. Trace points are computed in 
 (x right, y down) and written normalized to [0, 1] by the caller.
 
 The annotator's mouse scribbles over what is being talked about while its words are said
-(a Lissajous loop with hand jitter, kept on the object and off its box's edges), rests or drifts
+(a Lissajous loop with hand jitter, kept on the object and off its box's edges), rests
 while connecting words are said, and travels to the next target along a slightly bent path with
-a minimum-jerk speed profile, arriving before the first word about it. The speech waits for the
+a minimum-jerk speed profile, arriving as the first word about it starts. The speech waits for the
 mouse: a pause is inserted when the connecting words are too short for the travel.
 """
 
@@ -234,13 +234,9 @@ def simulate_trace(
             points[chosen] = piece.path(sample_times[chosen])
     points = np.clip(points, 0, [scene.width, scene.height])
     samples = np.column_stack([points, sample_times])
-    segments = []
     kept = np.ones(len(samples), dtype=bool)
     for low, high in _lifts(pieces, rng):
         kept &= ~((sample_times > low) & (sample_times < high))
     # A new segment starts wherever recorded points were dropped just before.
     breaks = np.flatnonzero(np.diff(np.flatnonzero(kept)) > 1) + 1
-    for part in np.split(samples[kept], breaks):
-        if len(part):
-            segments.append(part)
-    return segments
+    return [part for part in np.split(samples[kept], breaks) if len(part)]
