@@ -1,4 +1,4 @@
-"""The ``pixelllm`` command line.
+"""The ``pixelllm`` command line (INTERFACE.md).
 
 Exit status: 0 on success, 2 with one ``error: `` line on stderr for a problem with what the user
 gave (``PixelLLMError``, bad arguments), 1 for a fault of the program itself.
@@ -7,14 +7,139 @@ gave (``PixelLLMError``, bad arguments), 1 for a fault of the program itself.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from pixelllm.errors import PixelLLMError
+from pixelllm.errors import InputError, PixelLLMError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
         raise PixelLLMError(f"{message} (see: {self.prog} --help)")
+
+
+def _predictor(args):
+    from pixelllm.tasks import load
+
+    return load(args.model)
+
+
+def _emit(args, result: dict, picture=None) -> None:
+    """Print ``result`` as JSON (``--json``) or as text, and write ``--out`` PNG if asked."""
+    if args.out:
+        from pixelllm.viz import save_picture
+
+        save_picture(picture(), args.out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_as_text(result))
+
+
+def _as_text(result: dict) -> str:
+    if "caption" in result and "words" in result:
+        words = " ".join(f"{w['text']}@({w['point'][0]:.0f},{w['point'][1]:.0f})" for w in result["words"])
+        return f"{result['caption']}\n{words}"
+    if "regions" in result:
+        return "\n".join(f"{r['score']:.2f} [{', '.join(f'{v:.0f}' for v in r['box'])}] {r['caption']}"
+                         for r in result["regions"]) or "(no regions)"
+    box = ", ".join(f"{v:.1f}" for v in result["box"])
+    area = f" mask area {result['area']} px" if "area" in result else ""
+    return f"{result['expression']}: [{box}]{area}"
+
+
+def _caption(args) -> None:
+    from pixelllm.data.images import load_image
+
+    image = load_image(args.image)
+    encoded = _predictor(args).encode(image)
+    caption = encoded.caption(box=args.box, point=args.point, prompt=args.prompt)
+
+    def picture():
+        from pixelllm.viz import draw_caption
+
+        return draw_caption(image, caption)
+
+    _emit(args, caption.to_dict(), picture)
+
+
+def _locate(args) -> None:
+    from pixelllm.data.images import load_image
+
+    image = load_image(args.image)
+    box = _predictor(args).encode(image).locate(args.expression)
+    result = {"expression": args.expression, "box": [round(v, 2) for v in box], "image_size": list(image.size)}
+
+    def picture():
+        from pixelllm.viz import draw_location
+
+        return draw_location(image, box, args.expression)
+
+    _emit(args, result, picture)
+
+
+def _segment(args) -> None:
+    from pixelllm.data.images import load_image
+
+    image = load_image(args.image)
+    segmentation = _predictor(args).encode(image).segment(args.expression)
+
+    def picture():
+        from pixelllm.viz import draw_segmentation
+
+        return draw_segmentation(image, segmentation)
+
+    _emit(args, segmentation.to_dict(), picture)
+
+
+def _densecap(args) -> None:
+    from pixelllm.data.images import load_image
+
+    image = load_image(args.image)
+    regions = _predictor(args).encode(image).dense_caption(max_regions=args.max_regions)
+    result = {"regions": [r.to_dict() for r in regions], "image_size": list(image.size)}
+
+    def picture():
+        from pixelllm.viz import draw_regions
+
+        return draw_regions(image, regions)
+
+    _emit(args, result, picture)
+
+
+def _demo(args) -> None:
+    from pixelllm.demo import run_demo
+
+    out = Path(args.out)
+    run_demo(_predictor(args), out)
+    print(f"wrote {out / 'index.html'}")
+
+
+def _synth(args) -> None:
+    from pixelllm.data.synthetic import synth_main
+
+    synth_main(args.out_dir, images=args.images, seed=args.seed, workers=args.workers)
+
+
+def _train(args) -> None:
+    from pixelllm.train import TrainConfig, train
+
+    config = TrainConfig.load(args.config)
+    train(config, args.out or Path("runs") / Path(args.config).stem, resume=args.resume)
+
+
+def _eval(args) -> None:
+    from pixelllm.evaluate.runner import evaluate
+
+    result = evaluate(_predictor(args), args.task, args.data, split=args.split, batch_size=args.batch_size,
+                      limit=args.limit, per_sample_path=args.per_sample, report_path=args.report)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{args.task} on {args.data}: {result.num_samples} samples")
+        for name, value in result.metrics.items():
+            print(f"  {name:<24}{value:10.3f}")
 
 
 def _info(args) -> None:
@@ -25,18 +150,79 @@ def _info(args) -> None:
 
     with torch.device("meta"):  # counts without allocating: the paper preset is 3.8 B parameters
         model = build_model(preset(args.preset))
-    rows = [(name, module) for name, module in model.named_children()]
     print(f"preset {args.preset}: image {model.config.image_size}px, LM {model.config.lm_family}")
     print(f"{'part':<16}{'total':>16}{'trainable':>16}{'frozen':>16}")
-    for name, module in [*rows, ("all", model)]:
+    for name, module in [*model.named_children(), ("all", model)]:
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(f"{name:<16}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
 
 
+def _coordinates(count: int, what: str):
+    def parse(values: list[str]) -> list[float]:
+        try:
+            return [float(v) for v in values]
+        except ValueError:
+            raise InputError(f"{what} takes {count} numbers, got {' '.join(values)}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pixelllm", description="PixelLLM: pixel-aligned captions, localization, segmentation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def task_command(name: str, help_text: str, run, expression: bool = False):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("image", help="image file (any ordinary format)")
+        if expression:
+            command.add_argument("expression", help="the referring expression, e.g. 'the red circle'")
+        command.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+        command.add_argument("--out", default=None, help="write a picture (PNG) here")
+        command.set_defaults(run=run)
+        return command
+
+    caption = task_command("caption", "caption an image, with a location for every word", _caption)
+    where = caption.add_mutually_exclusive_group()
+    where.add_argument("--box", nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="caption this region")
+    where.add_argument("--point", nargs=2, metavar=("X", "Y"), help="caption the object at this point")
+    caption.add_argument("--prompt", default=None, help="text prompt (default: the model's)")
+    task_command("locate", "the box of a referring expression", _locate, expression=True)
+    task_command("segment", "the mask of a referring expression", _segment, expression=True)
+    densecap = task_command("densecap", "detect and caption every object", _densecap)
+    densecap.add_argument("--max-regions", type=int, default=None, help="at most this many regions")
+
+    demo = commands.add_parser("demo", help="run every task on the bundled samples; writes DIR/index.html")
+    demo.add_argument("--out", default="demo", help="output directory (default: demo)")
+    demo.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    demo.set_defaults(run=_demo)
+
+    synth = commands.add_parser("synth", help="write the shapes world in the real dataset formats")
+    synth.add_argument("out_dir")
+    synth.add_argument("--images", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=None)
+    synth.set_defaults(run=_synth)
+
+    train = commands.add_parser("train", help="train from a config file (torchrun for many processes)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a dataset")
+    evaluate.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    evaluate.add_argument("--task", required=True, choices=["trace", "refer", "refseg", "regioncap", "densecap"])
+    evaluate.add_argument("--data", required=True, help="dataset path (see docs/metrics.md)")
+    evaluate.add_argument("--split", default=None, help="RefCOCO split (val, testA, testB, test)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples")
+    evaluate.add_argument("--per-sample", default=None, help="write per-sample JSONL here")
+    evaluate.add_argument("--report", default=None, help="write a markdown report here")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=_eval)
+
     info = commands.add_parser("info", help="parameter counts of a preset (trainable and frozen)")
     info.add_argument("--preset", default="paper", help="tiny, base or paper (default: paper)")
     info.set_defaults(run=_info)
@@ -46,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        for name, count in (("box", 4), ("point", 2)):
+            if getattr(args, name, None) is not None:
+                setattr(args, name, _coordinates(count, f"--{name}")(getattr(args, name)))
         args.run(args)
     except PixelLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -57,6 +57,7 @@ class TaskConfig:
     alignment: str = "official"
     prompts: dict[str, str] | None = None
     augment: Augment | None = None
+    refer_text_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -116,6 +117,7 @@ class ExampleBuilder:
                 max_text_tokens=c.max_text_tokens,
                 alignment=c.alignment,
                 prompts=c.prompts,
+                refer_text_loss=c.refer_text_loss,
             )
         except (ValueError, InputError):  # a mask or text the reader did not vet (e.g. built by hand)
             self.report.skip("malformed annotation")

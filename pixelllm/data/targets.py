@@ -84,13 +84,20 @@ def build_targets(
     max_text_tokens: int = 128,
     alignment: str = "official",
     prompts: dict[str, str] | None = None,
+    refer_text_loss: bool = False,
 ) -> ImageTargets:
-    """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``."""
+    """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``.
+
+    ``refer_text_loss``: referring expressions also train the text (the official ref stage trains
+    the location only; with the text on, decoding reproduces the expression and ends where the box
+    was trained).
+    """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if alignment not in ALIGNMENTS:
         raise ConfigError(f"unknown LN alignment {alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
-    builder = _Builder(tokenizer, image_size, max_text_tokens, {**DEFAULT_PROMPTS, **(prompts or {})})
+    builder = _Builder(tokenizer, image_size, max_text_tokens, {**DEFAULT_PROMPTS, **(prompts or {})},
+                       refer_caption_weight=float(refer_text_loss))
     if task == "trace":
         chosen = _choose(sample.narratives, max_prompts, rng)
         return ImageTargets("original", [builder.trace(n, ALIGNMENTS[alignment]) for n in chosen])
@@ -128,6 +135,7 @@ class _Builder:
     image_size: tuple[int, int]
     max_text_tokens: int
     prompts: dict[str, str]
+    refer_caption_weight: float = 0.0
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # decoded once per region
 
     def _base(
@@ -189,7 +197,7 @@ class _Builder:
             self.prompts["refer"].format(expression=text),
             text,
             self.whole_image(),
-            0.0,
+            self.refer_caption_weight,
             1.0,
             region=index,
             region_id=region.region_id,

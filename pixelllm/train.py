@@ -1,0 +1,574 @@
+"""Training: one readable loop, the same on one CPU process or many GPUs under ``torchrun``.
+
+    pixelllm train --config configs/shapes_tiny.yaml --out runs/shapes_tiny
+    torchrun --nproc-per-node 8 -m pixelllm.train --config configs/paper_trace.yaml --out runs/trace
+
+A run is a config file (``configs/*.yaml``, see ``TrainConfig``): the model (a preset, or real
+checkpoints), datasets mixed by sampling weights (each with its task's loss gating), AdamW without
+decay on norms and biases, linear warmup then cosine decay, gradient clipping and accumulation,
+bf16 autocast on GPUs that have it, optional activation checkpointing, DDP (or FSDP) across
+processes. Every step's batch is a pure function of (seed, step), so ``--resume`` continues
+exactly where the last checkpoint left off, and a 2-process run sees the same examples as one
+process accumulating 2 micro-batches.
+
+Outputs in ``--out``: ``metrics.jsonl``, TensorBoard events in ``tb/``, ``last/`` (model +
+trainer state, rewritten atomically every ``save_every`` steps), ``best/`` (the best evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from pixelllm.config import PixelLLMConfig, atomic_write_text, preset
+from pixelllm.data.collate import collate
+from pixelllm.data.pipeline import DEFAULT_AUGMENT, Augment, ExampleBuilder, TaskConfig
+from pixelllm.data.sources import open_reader
+from pixelllm.errors import ConfigError, PixelLLMError
+from pixelllm.model import PixelLLM, build_from_pretrained_parts, build_model
+from pixelllm.tokenization import train_tokenizer
+
+STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class DatasetConfig:
+    """One training source: ``task`` samples read from ``data`` (see ``pixelllm.data.sources``)."""
+
+    task: str
+    data: str
+    weight: float = 1.0
+    split: str | None = None
+    images: str | None = None
+    max_prompts: int | None = None
+    augment: dict[str, Any] | None = None  # {"scale_range": [lo, hi], "flip_prob": p}; default: the task's
+    refer_text_loss: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A preset (with top-level overrides), a checkpoint to start from, or real pretrained parts."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # a PixelLLM checkpoint directory
+    sam: str | None = None  # Hugging Face checkpoint directories for build_from_pretrained_parts
+    semantic: str | None = None
+    lm: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory; None: the LM's, or train one (vocab_size)
+    vocab_size: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on held-out data with the evaluation suite (rank 0)."""
+
+    data: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    every: int = 1000
+    limit: int | None = 200
+    metric: str | None = None  # "task/metric" that picks the best checkpoint, higher is better
+
+
+@dataclass
+class SynthConfig:
+    """Generate the shapes world into ``<out>/data`` first (train and val splits), if missing."""
+
+    train_images: int = 0
+    val_images: int = 0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    steps: int = 1000
+    batch_size: int = 8  # images per micro-batch per process
+    accumulation: int = 1
+    num_workers: int = 1
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    bf16: bool | None = None  # None: on where a CUDA GPU supports it
+    activation_checkpointing: bool = False
+    strategy: str = "ddp"  # or "fsdp" (shards parameters; for the large presets)
+    threads: int | None = None  # torch CPU threads per process
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        config = _from_dict(cls, data or {}, "config")
+        if not config.datasets:
+            raise ConfigError(f"{path}: 'datasets' must list at least one dataset")
+        if config.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"{path}: strategy must be ddp or fsdp, got {config.strategy!r}")
+        return config
+
+
+def _from_dict(cls, data: dict, where: str):
+    """Nested dataclass from a dict, refusing unknown keys with the key's path in the message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
+    nested = {"model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig, "synth": SynthConfig}
+    values = {}
+    for key, value in data.items():
+        if key in nested and cls is TrainConfig:
+            value = _from_dict(nested[key], value, f"{where}.{key}")
+        elif key == "datasets" and cls is TrainConfig:
+            value = [_from_dict(DatasetConfig, d, f"{where}.datasets[{i}]") for i, d in enumerate(value)]
+        elif key == "betas":
+            value = tuple(value)
+        values[key] = value
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """One process, or one of ``torchrun``'s (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Runtime(0, 1, device)
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every micro-batch is a pure function of (seed, step, global micro index)
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Examples addressed by ``(dataset, sample, key)``; ``key`` seeds the augmentation."""
+
+    def __init__(self, sources: list[tuple[list, ExampleBuilder]]):
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return sum(len(samples) for samples, _ in self.sources)
+
+    def __getitem__(self, address: tuple[int, int, tuple[int, ...]]):
+        dataset, index, key = address
+        samples, builder = self.sources[dataset]
+        return builder(samples[index], np.random.default_rng(key))
+
+
+class MixtureBatches(torch.utils.data.Sampler):
+    """For each step from ``start``: this process's micro-batches, as lists of addresses.
+
+    Global micro-batch ``g`` of step ``s`` (``g = micro * world + rank``) is drawn with the RNG
+    seeded ``(seed, s, g)``: datasets by weight, samples uniformly (with replacement).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, accumulation: int,
+                 runtime: Runtime, seed: int, start: int, steps: int):
+        self.sizes = sizes
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.rank, self.world, self.seed, self.start, self.steps = runtime.rank, runtime.world, seed, start, steps
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accumulation
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            for micro in range(self.accumulation):
+                g = micro * self.world + self.rank
+                rng = np.random.default_rng((self.seed, step, g))
+                datasets = rng.choice(len(self.sizes), size=self.batch_size, p=self.p)
+                yield [(int(d), int(rng.integers(self.sizes[d])), (self.seed, step, g, slot))
+                       for slot, d in enumerate(datasets)]
+
+
+def load_sources(config: TrainConfig, tokenizer, image_size: int, prompts: dict) -> list[tuple[list, ExampleBuilder]]:
+    sources = []
+    for spec in config.datasets:
+        reader = open_reader(spec.task, spec.data, split=spec.split, images=spec.images)
+        samples = list(reader)
+        if not samples:
+            raise ConfigError(f"dataset {spec.task} at {spec.data} has no usable sample ({reader.summary()})")
+        augment = Augment(**{**dataclasses.asdict(DEFAULT_AUGMENT[spec.task]), **(spec.augment or {})})
+        augment = Augment(tuple(augment.scale_range), augment.flip_prob)
+        task = TaskConfig(spec.task, image_size, max_prompts=spec.max_prompts, prompts=prompts,
+                          augment=augment, refer_text_loss=spec.refer_text_loss)
+        sources.append((samples, ExampleBuilder(tokenizer, task, name=f"{spec.task}:{spec.data}")))
+    return sources
+
+
+def texts_for_tokenizer(sources) -> list[str]:
+    """Every caption, expression and region text of the training data (to train a tokenizer)."""
+    texts = []
+    for samples, _ in sources:
+        for sample in samples:
+            texts += [n.caption for n in sample.narratives] + list(sample.captions)
+            texts += [t for region in sample.regions for t in region.texts]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def make_model(config: TrainConfig, tokenizer) -> PixelLLM:
+    m = config.model
+    if m.init:
+        return PixelLLM.from_pretrained(m.init)
+    base = preset(m.preset)
+    base = PixelLLMConfig.from_dict({**base.to_dict(), **m.overrides})
+    if m.sam or m.semantic or m.lm:
+        return build_from_pretrained_parts(base, sam=m.sam, semantic=m.semantic, lm=m.lm, tokenizer=m.tokenizer)
+    return build_model(base, tokenizer=tokenizer)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and other 1-d parameters."""
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+
+
+def learning_rate(step: int, total: int, optim: OptimConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine)
+
+
+def wrap_model(model: PixelLLM, config: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+    """DDP or FSDP across processes; the plain model for one process."""
+    if config.activation_checkpointing:
+        model.language.model.gradient_checkpointing_enable()
+        model.vision.semantic.gradient_checkpointing_enable()
+    if runtime.world == 1:
+        return model
+    if config.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():  # shard each transformer layer, then the rest
+            if type(module).__name__ in _FSDP_LAYERS:
+                fully_shard(module)
+        return fully_shard(model)
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    # Not every task's heads run in every batch (masks, proposals): DDP must allow unused parameters.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+_FSDP_LAYERS = {"T5Block", "LlamaDecoderLayer", "Qwen2DecoderLayer", "SamVisionLayer", "CLIPEncoderLayer",
+                "SiglipEncoderLayer"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: model as save_pretrained, trainer state as safetensors + JSON (no pickle)
+
+
+def save_training_checkpoint(directory: Path, model: PixelLLM, optimizer, step: int, extra: dict) -> None:
+    """Write ``directory`` atomically: build it beside, then swap it in."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tensors, groups = _optimizer_tensors(optimizer)
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    atomic_write_text(tmp / STATE_JSON, json.dumps({"step": step, "param_groups": groups, **extra}, indent=2))
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(directory: Path, optimizer) -> dict:
+    state = json.loads((directory / STATE_JSON).read_text())
+    tensors = load_file(str(directory / STATE_TENSORS))
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    torch.set_rng_state(tensors["torch_rng"])
+    return state
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = optimizer.state_dict()
+    tensors = {f"state.{index}.{name}": value.detach().cpu().contiguous()
+               for index, values in state["state"].items() for name, value in values.items()}
+    return tensors, state["param_groups"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict:
+    """Train as ``config`` says, writing into ``out``; returns the last logged metrics."""
+    runtime = setup_runtime(config)
+    out = Path(out)
+    if runtime.main:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_synthetic_data(config, out)
+    if runtime.world > 1:
+        dist.barrier()
+    torch.manual_seed(config.seed)
+    checkpoint = out / "last"
+    tokenizer, sources, model = _setup(config, out, runtime, checkpoint if resume else None)
+    optimizer = make_optimizer(model, config.optim)
+    start, best = 0, -math.inf
+    if resume:
+        if not (checkpoint / STATE_JSON).is_file():
+            raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
+        state = load_training_state(checkpoint, optimizer)
+        start, best = state["step"], state.get("best", -math.inf)
+    model.to(runtime.device).train()
+    wrapped = wrap_model(model, config, runtime)
+    batches = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in config.datasets], config.batch_size,
+                             config.accumulation, runtime, config.seed, start, config.steps)
+    loader = torch.utils.data.DataLoader(
+        MixtureDataset(sources), batch_sampler=batches, num_workers=config.num_workers,
+        collate_fn=lambda examples: collate(examples, tokenizer.pad_token_id),
+        persistent_workers=config.num_workers > 0,
+    )
+    bf16 = config.bf16 if config.bf16 is not None else (
+        runtime.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    logger = _Logger(out, runtime, config, start)
+    micro_batches = iter(loader)
+    last = {}
+    for step in range(start, config.steps):
+        lr = learning_rate(step, config.steps, config.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals = _accumulate(wrapped, micro_batches, config, runtime, bf16)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last = {"step": step + 1, "lr": lr, "grad_norm": float(norm), **totals}
+        logger.log(last)
+        done = step + 1 == config.steps
+        if config.eval.data and config.eval.tasks and ((step + 1) % config.eval.every == 0 or done):
+            scores = evaluate_during_training(model, config, runtime, step + 1)
+            logger.log({"step": step + 1, **scores}, progress=False)
+            score = scores.get(config.eval.metric) if config.eval.metric else None
+            if runtime.main and score is not None and score > best:
+                best = score
+                save_training_checkpoint(out / "best", model, optimizer, step + 1, {"best": best})
+            model.train()
+        if runtime.main and ((step + 1) % config.save_every == 0 or done):
+            save_training_checkpoint(checkpoint, model, optimizer, step + 1, {"best": best})
+    logger.close()
+    if runtime.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def _setup(config: TrainConfig, out: Path, runtime: Runtime, resume_from: Path | None):
+    if resume_from is not None:
+        model = PixelLLM.from_pretrained(resume_from)
+        tokenizer = model.tokenizer
+    else:
+        tokenizer = None
+        if config.model.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer)
+        model = None
+    base = preset(config.model.preset)
+    prompts = (model.config if model is not None else base).prompts
+    image_size = (model.config if model is not None else base).image_size
+    # Readers need no tokenizer; the builders get it once it exists.
+    sources = load_sources(config, tokenizer, image_size, prompts)
+    if model is None:
+        if tokenizer is None and not (config.model.lm or config.model.init):
+            # deterministic: every process trains the same tokenizer from the same texts
+            tokenizer = train_tokenizer(texts_for_tokenizer(sources), vocab_size=config.model.vocab_size)
+        model = make_model(config, tokenizer)
+        tokenizer = model.tokenizer
+    for _, builder in sources:
+        builder.tokenizer = tokenizer
+    return tokenizer, sources, model
+
+
+def _accumulate(wrapped, micro_batches, config: TrainConfig, runtime: Runtime, bf16: bool) -> dict:
+    """Forward and backward ``accumulation`` micro-batches; returns the mean of each loss term."""
+    sums: dict[str, float] = {}
+    for micro in range(config.accumulation):
+        batch = _to_device(next(micro_batches), runtime.device)
+        sync = micro == config.accumulation - 1 or not hasattr(wrapped, "no_sync")
+        with (nullcontext() if sync else wrapped.no_sync()), \
+                torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = wrapped(batch)
+            (output.loss / config.accumulation).backward()
+        for name, value in {"loss": output.loss, **output.losses}.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.accumulation
+    if runtime.world > 1:  # report the mean over processes
+        names = sorted(sums)
+        values = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+        dist.all_reduce(values)
+        sums = {n: float(v) / runtime.world for n, v in zip(names, values, strict=True)}
+    return sums
+
+
+def _to_device(batch: dict | None, device: torch.device) -> dict:
+    if batch is None:
+        raise PixelLLMError("a whole micro-batch was skipped: every sample in it was unreadable")
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def evaluate_during_training(model: PixelLLM, config: TrainConfig, runtime: Runtime, step: int) -> dict:
+    """Scores ``{"task/metric": value}`` on the held-out data (computed on rank 0, shared with all)."""
+    scores: dict[str, float] = {}
+    if runtime.main:
+        from pixelllm.evaluate.runner import evaluate
+
+        model.eval()
+        for task in config.eval.tasks:
+            result = evaluate(model, task, config.eval.data, limit=config.eval.limit, progress=False)
+            scores.update({f"{task}/{name}": value for name, value in result.metrics.items()})
+    if runtime.world > 1:
+        shared = [scores]
+        dist.broadcast_object_list(shared, src=0)
+        scores = shared[0]
+    return scores
+
+
+def prepare_synthetic_data(config: TrainConfig, out: Path) -> None:
+    """Generate the configured shapes-world splits into ``<out>/data`` unless they exist."""
+    synth = config.synth
+    for split, count in (("train", synth.train_images), ("val", synth.val_images)):
+        target = out / "data" / split
+        if count > 0 and not (target / "summary.json").is_file():
+            from pixelllm.data.synthetic import generate
+
+            generate(target, count, synth.seed, split=split)
+
+
+class _Logger:
+    """Progress bar, ``metrics.jsonl`` and TensorBoard, on the main process only."""
+
+    def __init__(self, out: Path, runtime: Runtime, config: TrainConfig, start: int):
+        self.enabled = runtime.main
+        self.every = config.log_every
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the whole run)
+        self.writer = SummaryWriter(str(out / "tb"))
+        self.bar = tqdm(total=config.steps, initial=start, desc="train", dynamic_ncols=True)
+        self.started = time.time()
+
+    def log(self, record: dict, progress: bool = True) -> None:
+        if not self.enabled:
+            return
+        step = record["step"]
+        if progress:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if not progress or step % self.every == 0:
+            record = {**record, "elapsed_s": round(time.time() - self.started, 1)}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            for name, value in record.items():
+                if name != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            self.writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``torchrun -m pixelllm.train`` (``pixelllm train`` calls ``train`` directly)."""
+    parser = argparse.ArgumentParser(prog="pixelllm.train")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = TrainConfig.load(args.config)
+        train(config, args.out or Path("runs") / Path(args.config).stem, resume=args.resume)
+    except PixelLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
