@@ -98,6 +98,10 @@ class PixelLLMConfig:
     lora_targets: list[str] | None = None  # None: the family's q and v projections
     label_smoothing: float = 0.1
     location_loss_weight: float = 0.1
+    # The box that prompts the mask decoder in training: "predicted" at the last word (the official
+    # code) or "target" (the ground-truth box, which lets a model trained from scratch learn masks
+    # before its boxes are good).
+    mask_prompt_box: str = "predicted"
     max_text_tokens: int = 128
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
@@ -155,6 +159,8 @@ class PixelLLMConfig:
             raise ConfigError(
                 f"semantic image_size {self.semantic.get('image_size')} must equal image_size {self.image_size}"
             )
+        if self.mask_prompt_box not in ("predicted", "target"):
+            raise ConfigError(f"mask_prompt_box must be 'predicted' or 'target', got {self.mask_prompt_box!r}")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")
@@ -274,6 +280,7 @@ def _tiny() -> PixelLLMConfig:
         proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5), top_blocks=1),
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
+        mask_prompt_box="target",
         max_text_tokens=64,
     )
 

@@ -161,12 +161,15 @@ class PixelLLM(nn.Module):
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
-        """The mask loss of the prompts that have a mask target, prompted (as the official code)
-        with the box predicted at the last word of the teacher-forced expression."""
+        """The mask loss of the prompts that have a mask target, prompted with the box at the last
+        word of the teacher-forced expression: predicted (the official code) or the target's."""
         rows = (batch["mask_weight"] > 0).nonzero()[:, 0]
         labels = batch["labels"][rows]
         last_word = (labels >= 0).sum(1) - 2  # the token just before EOS
-        boxes = token_boxes[rows, last_word].detach()
+        if self.config.mask_prompt_box == "target":
+            boxes = batch["label_boxes"][rows, last_word]
+        else:
+            boxes = token_boxes[rows, last_word].detach()
         inputs = labels[:, :-1]
         text_mask = (inputs >= 0) & (inputs != self.language.eos_token_id)
         logits, iou = self.mask_logits(images, batch["prompt_image_index"][rows], boxes, visual[rows],

@@ -1,0 +1,102 @@
+"""Training: every task's loss goes down, resume continues exactly, 2 processes = 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pixelllm.errors import ConfigError
+from pixelllm.train import TrainConfig, train
+
+TASKS = ["trace", "refer", "refseg", "region", "densecap"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from pixelllm.data.synthetic import generate
+
+    path = tmp_path_factory.mktemp("shapes") / "train"
+    generate(path, 2, seed=5, split="train", workers=1, progress=False)
+    return path
+
+
+def _config(tmp_path: Path, shapes: Path, **overrides) -> Path:
+    data = {
+        "model": {"preset": "tiny", "vocab_size": 300},
+        "datasets": [{"task": t, "data": str(shapes), "max_prompts": 3, "refer_text_loss": t.startswith("ref")}
+                     for t in TASKS],
+        "optim": {"lr": 2.0e-3, "warmup_steps": 2},
+        "steps": 4, "batch_size": 2, "num_workers": 0, "log_every": 1, "save_every": 2, "threads": 1,
+        **overrides,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_overfits_every_task(tmp_path, shapes):
+    # Every step sees all five tasks on the same two images (one dataset of each, 5 images a batch).
+    config = TrainConfig.load(_config(tmp_path, shapes, steps=40, batch_size=5, save_every=40))
+    train(config, tmp_path / "run")
+    records = _losses(tmp_path / "run")
+    terms = ["text", "location", "mask_dice", "detection_heatmap", "detection_box"]
+    for term in terms:
+        values = [r[term] for r in records if term in r]
+        assert len(values) > 10, term
+        start, end = sum(values[:3]) / 3, sum(values[-3:]) / 3
+        assert end < 0.6 * start, f"{term}: {start:.3f} -> {end:.3f}"
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+
+
+def test_resume_continues_exactly(tmp_path, shapes):
+    straight = TrainConfig.load(_config(tmp_path, shapes, steps=4))
+    train(straight, tmp_path / "straight")
+    half = TrainConfig.load(_config(tmp_path, shapes, steps=2))
+    train(half, tmp_path / "resumed")
+    train(straight, tmp_path / "resumed", resume=True)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_two_processes_match_one_process(tmp_path, shapes):
+    """2 gloo processes x 1 micro-batch = 1 process x 2 accumulated micro-batches, same examples."""
+    for name in ("1", "2"):
+        (tmp_path / name).mkdir()
+    train(TrainConfig.load(_config(tmp_path / "1", shapes, steps=3, accumulation=2)), tmp_path / "one")
+    config = _config(tmp_path / "2", shapes, steps=3, accumulation=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               "-m", "pixelllm.train", "--config", str(config), "--out", str(tmp_path / "two")]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+
+
+def test_config_errors(tmp_path, shapes):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.load(bad)
+    bad.write_text(yaml.safe_dump({"datasets": [{"task": "trace", "data": "x"}], "stpes": 3}))
+    with pytest.raises(ConfigError, match="unknown key.*stpes"):
+        TrainConfig.load(bad)
+    bad.write_text(yaml.safe_dump({"datasets": [{"task": "trace", "data": "x", "wieght": 2}]}))
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: wieght"):
+        TrainConfig.load(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        TrainConfig.load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        train(TrainConfig.load(_config(tmp_path, shapes)), tmp_path / "fresh", resume=True)
