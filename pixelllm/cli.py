@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pixelllm.errors import InputError, PixelLLMError
+from pixelllm.results import dense_captions_json, location_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +60,7 @@ def _caption(args) -> None:
     def picture():
         from pixelllm.viz import draw_caption
 
-        return draw_caption(image, caption)
+        return draw_caption(image, caption, prompt=args.box or args.point)
 
     _emit(args, caption.to_dict(), picture)
 
@@ -69,7 +70,7 @@ def _locate(args) -> None:
 
     image = load_image(args.image)
     box = _predictor(args).encode(image).locate(args.expression)
-    result = {"expression": args.expression, "box": [round(v, 2) for v in box], "image_size": list(image.size)}
+    result = location_json(args.expression, box, image.size)
 
     def picture():
         from pixelllm.viz import draw_location
@@ -98,7 +99,7 @@ def _densecap(args) -> None:
 
     image = load_image(args.image)
     regions = _predictor(args).encode(image).dense_caption(max_regions=args.max_regions)
-    result = {"regions": [r.to_dict() for r in regions], "image_size": list(image.size)}
+    result = dense_captions_json(regions, image.size)
 
     def picture():
         from pixelllm.viz import draw_regions

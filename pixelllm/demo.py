@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pixelllm.assets import SAMPLES
 from pixelllm.data.images import load_image
 from pixelllm.errors import InputError
+from pixelllm.results import dense_captions_json, location_json, rounded
 from pixelllm.viz import (
     draw_caption,
     draw_location,
@@ -103,12 +104,12 @@ def _caption(encoded, image, sample: Sample, options: _Options):
 
 def _region_caption(encoded, image, sample: Sample, options: _Options):
     caption = encoded.caption(box=list(sample.region), **options.decoding)
-    return {"box": _rounded(sample.region), **caption.to_dict()}, draw_caption(image, caption, prompt=sample.region)
+    return {"box": rounded(sample.region), **caption.to_dict()}, draw_caption(image, caption, prompt=sample.region)
 
 
 def _locate(encoded, image, sample: Sample, options: _Options):
     box = encoded.locate(sample.expression, **options.decoding)
-    result = {"expression": sample.expression, "box": _rounded(box), "image_size": list(encoded.image_size)}
+    result = location_json(sample.expression, box, encoded.image_size)
     return result, draw_location(image, box, sample.expression)
 
 
@@ -119,16 +120,13 @@ def _segment(encoded, image, sample: Sample, options: _Options):
 
 def _densecap(encoded, image, sample: Sample, options: _Options):
     regions = encoded.dense_caption(max_regions=options.max_regions, **options.decoding)
-    result = {"regions": [region.to_dict() for region in regions], "image_size": list(encoded.image_size)}
+    result = dense_captions_json(regions, encoded.image_size)
     return result, draw_regions(image, regions)
 
 
 TASKS: dict[str, Callable] = {"caption": _caption, "region_caption": _region_caption, "locate": _locate,
                               "segment": _segment, "densecap": _densecap}
 
-
-def _rounded(values) -> list[float]:
-    return [round(float(v), 2) for v in values]
 
 
 # -- the page ----------------------------------------------------------------------------------

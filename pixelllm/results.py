@@ -9,12 +9,13 @@ import numpy as np
 from pixelllm.data.words import Word
 
 
-def _floats(values) -> list[float]:
+def rounded(values) -> list[float]:
+    """Coordinates as JSON wants them: plain floats, to the hundredth of a pixel."""
     return [round(float(v), 2) for v in values]
 
 
 def word_json(word: Word) -> dict:
-    return {"text": word.text, "box": _floats(word.box), "point": _floats(word.point)}
+    return {"text": word.text, "box": rounded(word.box), "point": rounded(word.point)}
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Segmentation:
         from pycocotools import mask as mask_utils
 
         rle = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
-        return {"expression": self.expression, "box": _floats(self.box),
+        return {"expression": self.expression, "box": rounded(self.box),
                 "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
                 "area": self.area, "image_size": list(self.image_size)}
 
@@ -64,5 +65,15 @@ class Region:
     words: list[Word] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"box": _floats(self.box), "score": round(float(self.score), 4), "caption": self.caption}
+        return {"box": rounded(self.box), "score": round(float(self.score), 4), "caption": self.caption}
 
+
+
+def location_json(expression: str, box, image_size: tuple[int, int]) -> dict:
+    """The ``locate`` JSON of INTERFACE.md."""
+    return {"expression": expression, "box": rounded(box), "image_size": list(image_size)}
+
+
+def dense_captions_json(regions: list[Region], image_size: tuple[int, int]) -> dict:
+    """The ``densecap`` JSON of INTERFACE.md."""
+    return {"regions": [r.to_dict() for r in regions], "image_size": list(image_size)}

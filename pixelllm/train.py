@@ -386,12 +386,12 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
         dist.barrier()
     torch.manual_seed(config.seed)
     checkpoint = out / "last"
+    if resume and not (checkpoint / STATE_JSON).is_file():
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
     tokenizer, sources, model = _setup(config, out, runtime, checkpoint if resume else None)
     optimizer = make_optimizer(model, config.optim)
     start, best = 0, -math.inf
     if resume:
-        if not (checkpoint / STATE_JSON).is_file():
-            raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
         state = load_training_state(checkpoint, optimizer)
         start, best = state["step"], state.get("best", -math.inf)
     model.to(runtime.device).train()
@@ -464,8 +464,10 @@ def _setup(config: TrainConfig, out: Path, runtime: Runtime, resume_from: Path |
 
 
 def _accumulate(wrapped, micro_batches, config: TrainConfig, runtime: Runtime, bf16: bool) -> dict:
-    """Forward and backward ``accumulation`` micro-batches; returns the mean of each loss term."""
-    sums: dict[str, float] = {}
+    """Forward and backward ``accumulation`` micro-batches; returns the mean of each loss term over
+    the micro-batches (of all processes) that had it."""
+    names = ("loss", *PixelLLM.LOSS_NAMES)
+    sums, counts = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
     for micro in range(config.accumulation):
         batch = _to_device(next(micro_batches), runtime.device)
         sync = micro == config.accumulation - 1 or not hasattr(wrapped, "no_sync")
@@ -473,14 +475,15 @@ def _accumulate(wrapped, micro_batches, config: TrainConfig, runtime: Runtime, b
                 torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=bf16):
             output = wrapped(batch)
             (output.loss / config.accumulation).backward()
-        for name, value in {"loss": output.loss, **output.losses}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.accumulation
-    if runtime.world > 1:  # report the mean over processes
-        names = sorted(sums)
-        values = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(values)
-        sums = {n: float(v) / runtime.world for n, v in zip(names, values, strict=True)}
-    return sums
+        terms = {"loss": output.loss, **output.losses}
+        for i, name in enumerate(names):
+            if name in terms:
+                sums[i] += float(terms[name].detach())
+                counts[i] += 1
+    if runtime.world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return {name: float(sums[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
 
 
 def _to_device(batch: dict | None, device: torch.device) -> dict:

@@ -66,6 +66,8 @@ class PixelLLM(nn.Module):
     ``proposal_head`` (dense captioning's detector); and the tokenizer of the LM.
     """
 
+    LOSS_NAMES = ("text", "location", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap", "detection_box")
+
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel, location_head: LocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, tokenizer=None):
