@@ -1,0 +1,112 @@
+"""The tasks API end to end on a tiny random model: the contract, not the quality."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_model
+from PIL import Image
+
+from pixelllm.errors import InputError
+from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.tasks import Predictor
+
+DECODE = {"max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    model = tiny_model(seed=2)
+    model.config.proposal_head.score_threshold = 0.0  # a random detector scores everything low
+    return Predictor(model)
+
+
+@pytest.fixture(scope="module")
+def photo(real_data):
+    return real_data / "photos" / "chelsea.png"
+
+
+def _inside(box, size):
+    w, h = size
+    return 0 <= box[0] <= box[2] <= w and 0 <= box[1] <= box[3] <= h
+
+
+def test_caption_contract(predictor, photo):
+    image = predictor.encode(photo)
+    assert image.image_size == Image.open(photo).size
+    for caption in (image.caption(**DECODE), image.caption(box=[10, 20, 200, 150], **DECODE),
+                    image.caption(point=[100, 80], **DECODE), image.caption(prompt="Describe:", **DECODE)):
+        assert isinstance(caption, Caption) and isinstance(caption.text, str)
+        assert [w.text for w in caption.words] == caption.text.split()
+        for word in caption.words:
+            assert _inside(word.box, image.image_size)
+            assert word.point == pytest.approx([(word.box[0] + word.box[2]) / 2, (word.box[1] + word.box[3]) / 2])
+        data = caption.to_dict()
+        assert set(data) == {"caption", "words", "image_size"} and data["image_size"] == list(image.image_size)
+
+
+def test_locate_segment_densecap_contract(predictor, photo):
+    image = predictor.encode(photo)
+    box = image.locate("the cat", **DECODE)
+    assert len(box) == 4 and all(isinstance(v, float) for v in box) and _inside(box, image.image_size)
+    segmentation = image.segment("the cat", **DECODE)
+    assert isinstance(segmentation, Segmentation)
+    w, h = image.image_size
+    assert segmentation.mask.shape == (h, w) and segmentation.mask.dtype == bool
+    assert segmentation.box == box  # same decoding, same box
+    data = segmentation.to_dict()
+    from pycocotools import mask as mask_utils
+
+    decoded = mask_utils.decode({"size": data["mask"]["size"], "counts": data["mask"]["counts"].encode()})
+    assert np.array_equal(decoded.astype(bool), segmentation.mask) and data["area"] == segmentation.mask.sum()
+    regions = image.dense_caption(max_regions=3, **DECODE)
+    assert 0 < len(regions) <= 3 and all(isinstance(r, Region) for r in regions)
+    assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
+    assert all(_inside(r.box, image.image_size) for r in regions)
+
+
+def test_batched_equals_one_by_one(predictor, real_data):
+    photos = [real_data / "photos" / name for name in ("chelsea.png", "rocket.jpg", "grace_hopper.jpg")]
+    together = predictor.caption_batch(photos, num_beams=1, **DECODE)
+    for path, caption in zip(photos, together, strict=True):
+        alone = predictor.encode(path).caption(num_beams=1, **DECODE)
+        assert alone.text == caption.text
+        for a, b in zip(alone.words, caption.words, strict=True):
+            assert a.box == pytest.approx(b.box, abs=1e-2)
+    image = predictor.encode(photos[0])
+    boxes = [[10, 10, 120, 90], [200, 50, 400, 280], [0, 0, 451, 300]]
+    regions = image.caption_regions(boxes, **DECODE)
+    for box, region in zip(boxes, regions, strict=True):
+        assert image.caption(box=box, **DECODE).text == region.text
+
+
+def test_encode_once_prompt_many(predictor, photo):
+    image = predictor.encode(photo)
+    features = image.features.features.clone()
+    image.caption(**DECODE)
+    image.locate("the cat", **DECODE)
+    assert torch.equal(features, image.features.features)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"box": [50, 50, 10, 80]}, "needs x1 > x0"),
+    ({"box": [0, 0, 1000, 50]}, "outside the 451x300 image"),
+    ({"box": [0, 0, float("nan"), 5]}, "finite"),
+    ({"point": [-5, 10]}, "outside"),
+    ({"box": [1, 2, 3, 4], "point": [1, 2]}, "not both"),
+    ({"prompt": "   "}, "empty prompt"),
+])
+def test_bad_prompts(predictor, photo, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        predictor.encode(photo).caption(**kwargs)
+
+
+def test_bad_expressions_and_images(predictor, photo, tmp_path):
+    image = predictor.encode(photo)
+    with pytest.raises(InputError, match="empty expression"):
+        image.locate("")
+    with pytest.raises(InputError, match="max_regions"):
+        image.dense_caption(max_regions=0)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(InputError):
+        predictor.encode(broken)
