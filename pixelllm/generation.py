@@ -80,7 +80,7 @@ class _UncachedStepper:
 def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, prompt_boxes: torch.Tensor,
              prompt_is_point: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
              num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6,
-             block_repeats: bool = True, use_cache: bool = True) -> GenerationOutput:
+             block_repeats: bool = True, use_cache: bool = True, with_boxes: bool = True) -> GenerationOutput:
     """Decode a caption and its per-token boxes for each of ``N`` prompts.
 
     Args:
@@ -91,6 +91,7 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         length_penalty: the brevity penalty's alpha (beam search only).
         block_repeats: greedy never picks the token it just picked (the official rule).
         use_cache: False runs the official uncached algorithm (same results, far slower).
+        with_boxes: False skips the localization head (captions only; ``boxes`` are zeros).
     """
     visual = model.visual_tokens(images, image_index, prompt_boxes, prompt_is_point)
     valid_size = images.valid_size[image_index]
@@ -103,34 +104,36 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
     def locate(hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
         return model.location_head(hidden, valid_size[prompt_rows])
 
-    search_locate = locate if use_cache else None
+    search_locate = locate if use_cache and with_boxes else None
     eos = model.language.eos_token_id
     if num_beams > 1:
         out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty)
     else:
         out = _greedy(stepper, search_locate, n, max_new_tokens, eos, block_repeats)
-    if not use_cache:
+    if not with_boxes:
+        out.boxes = [torch.zeros(len(s), 4) for s in out.sequences]
+    elif not use_cache:
         out.boxes = _teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, valid_size)
     return out
 
 
 def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int, block_repeats: bool) -> GenerationOutput:
     hidden, logits = stepper.first
-    rows = torch.arange(n, device=logits.device)  # prompt of each row still decoding
-    sequences: list[list[int]] = [[] for _ in range(n)]
-    boxes: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    log_prob = torch.zeros(n, device=logits.device)
+    device = logits.device
+    rows = torch.arange(n, device=device)  # prompt of each row still decoding
+    tokens_out = torch.full((n, max_new_tokens), eos, dtype=torch.long, device=device)
+    boxes_out = torch.zeros(n, max_new_tokens, 4, device=device)
+    log_prob = torch.zeros(n, device=device)
     previous = None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = logits.float()
         if block_repeats and previous is not None:  # the official rule, after GRiT
             blocked = logits.gather(1, previous[:, None]).clamp(max=-1e4)
             logits = logits.scatter(1, previous[:, None], blocked)
         step_log_prob, tokens = torch.log_softmax(logits, dim=-1).max(dim=-1)
         log_prob[rows] += step_log_prob
+        tokens_out[rows, step] = tokens
         alive = tokens != eos
-        for row, token in zip(rows[alive].tolist(), tokens[alive].tolist(), strict=True):
-            sequences[row].append(token)
         if not alive.any():
             break
         if not alive.all():
@@ -139,11 +142,12 @@ def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int, block_repeat
             rows, tokens = rows[keep], tokens[keep]
         hidden, logits = stepper.step(tokens)
         if locate is not None:
-            for row, box in zip(rows.tolist(), locate(hidden, rows), strict=True):
-                boxes[row].append(box)
+            boxes_out[rows, step] = locate(hidden, rows).float()
         previous = tokens
-    lengths = torch.tensor([max(len(s), 1) for s in sequences], device=log_prob.device)
-    return GenerationOutput(sequences, _stack_boxes(boxes, sequences), log_prob / lengths)
+    lengths = (tokens_out != eos).long().cumprod(dim=1).sum(dim=1).tolist()
+    sequences = [tokens_out[i, :length].tolist() for i, length in enumerate(lengths)]
+    boxes = [boxes_out[i, :length] for i, length in enumerate(lengths)]
+    return GenerationOutput(sequences, boxes, log_prob / torch.tensor(lengths, device=device).clamp(min=1))
 
 
 def _beam_search(stepper, locate, n: int, beams: int, max_new_tokens: int, eos: int,
@@ -197,10 +201,6 @@ def _beam_search(stepper, locate, n: int, beams: int, max_new_tokens: int, eos: 
 
 def _brevity_penalty(alpha: float, length: int) -> float:
     return ((5.0 + length) / 6.0) ** alpha
-
-
-def _stack_boxes(boxes: list[list[torch.Tensor]], sequences: list[list[int]]) -> list[torch.Tensor]:
-    return [torch.stack(b) if b else torch.zeros(len(s), 4) for b, s in zip(boxes, sequences, strict=True)]
 
 
 def _teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:

@@ -114,3 +114,11 @@ def test_beam_search_finds_the_exhaustive_optimum():
                     best, best_score = list(body), score
         assert out.sequences[0] == best
         assert math.isclose(out.scores[0].item(), best_score, rel_tol=1e-5)
+
+
+def test_caption_only_decoding_gives_the_same_text(trained):
+    model, batch = trained
+    with_boxes = generate(*_inputs(model, batch), max_new_tokens=8)
+    without = generate(*_inputs(model, batch), max_new_tokens=8, with_boxes=False)
+    assert without.sequences == with_boxes.sequences
+    assert all(b.shape == (len(s), 4) and not b.any() for b, s in zip(without.boxes, without.sequences, strict=True))

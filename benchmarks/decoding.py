@@ -1,0 +1,123 @@
+"""Decoding speed, as ratios measured side by side in one run on one model.
+
+    python benchmarks/decoding.py [--preset base] [--repeats 3] [--threads N]
+
+Each ratio times its two contenders alternately (A, B, A, B, ...) and compares medians, so that
+a busy shared machine slows both alike. The model has random weights and never stops early (its
+EOS is disabled), so every decode runs the full number of steps. Results go to RESULTS.md by hand.
+
+1. KV-cached decoding vs the official uncached loop (``use_cache=False``), 64 new tokens.
+2. Decoding with a location per token vs caption only (the localization head's overhead).
+3. This decoder vs ``transformers``' own ``generate`` on the same T5, caption only, greedy.
+4. 32 region captions decoded as one batch vs one by one.
+5. 8 prompts on one encoded image vs 8 full calls (each encoding the image again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from pixelllm.config import preset
+from pixelllm.generation import generate
+from pixelllm.model import build_model
+from pixelllm.tasks import Predictor
+from pixelllm.tokenization import train_tokenizer
+
+WORDS = "a large red circle small blue star green square yellow triangle purple hexagon".split()
+
+
+def side_by_side(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``first`` and ``second``, run alternately after one warm-up each."""
+    first(), second()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, times in ((first, a), (second, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+def make_predictor(name: str) -> Predictor:
+    torch.manual_seed(0)
+    config = preset(name)
+    tokenizer = train_tokenizer([" ".join(WORDS)] * 10, vocab_size=300)
+    model = build_model(config, tokenizer=tokenizer).eval()
+    model.language.eos_token_id = -1  # never stop early: every decode runs its full length
+    return Predictor(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictor = make_predictor(args.preset)
+    model = predictor.model
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    encoded = predictor.encode(image)
+    print(f"preset {args.preset}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}")
+
+    request = [encoded._trace_prompt()]
+    tokens = 64
+
+    def decode(**options):
+        return lambda: encoded._decode(request, num_beams=1, max_new_tokens=tokens, **options)
+
+    cached, uncached = side_by_side(decode(), decode(use_cache=False), args.repeats)
+    report("1. cached vs uncached, 64 tokens (speed-up)", uncached / cached, ">= 5")
+
+    with_boxes, text_only = side_by_side(decode(), decode(with_boxes=False), args.repeats)
+    report("2. with locations vs caption only (time ratio)", with_boxes / text_only, "<= 1.05")
+
+    ours, theirs = side_by_side(decode(with_boxes=False, block_repeats=False),
+                                hf_generate(model, encoded, request, tokens), args.repeats)
+    report("3. ours vs transformers generate, caption only (time ratio)", ours / theirs, "<= 1.1")
+
+    boxes = [[x, y, x + 120, y + 90] for x in range(0, 480, 60) for y in range(0, 360, 90)][:32]
+    batched, single = side_by_side(lambda: encoded.caption_regions(boxes, max_new_tokens=16),
+                                   lambda: [encoded.caption(box=b, max_new_tokens=16) for b in boxes], args.repeats)
+    report("4. 32 region captions: one by one vs batched (speed-up)", single / batched, ">= 4")
+
+    expressions = [f"the {c} {s}" for c, s in zip(WORDS[2::3], WORDS[3::3], strict=False)][:8] * 2
+    expressions = expressions[:8]
+    once, every = side_by_side(lambda: [encoded.locate(e, max_new_tokens=8) for e in expressions],
+                               lambda: [predictor.encode(image).locate(e, max_new_tokens=8) for e in expressions],
+                               args.repeats)
+    report("5. 8 prompts: 8 full calls vs one encoding (speed-up)", every / once, ">= 3")
+
+
+def hf_generate(model, encoded, request, tokens: int):
+    """``transformers`` greedy ``generate`` from the same encoder inputs (T5 family only)."""
+    from pixelllm.tokenization import encode_prompt
+
+    visual = encoded._visual_tokens(request)
+    ids = torch.tensor([encode_prompt(model.tokenizer, request[0].text)])
+    embeds, mask = model.language._prefix(visual, ids, torch.ones_like(ids))
+    lm = model.language.model
+
+    def run():
+        with torch.no_grad():
+            lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                        do_sample=False, num_beams=1)
+
+    return run
+
+
+def report(name: str, value: float, target: str) -> None:
+    print(f"{name:<60}{value:8.2f}   (target {target})")
+
+
+if __name__ == "__main__":
+    main()
