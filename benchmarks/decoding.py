@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from pixelllm.config import preset
-from pixelllm.generation import generate
 from pixelllm.model import build_model
 from pixelllm.tasks import Predictor
 from pixelllm.tokenization import train_tokenizer
 
-WORDS = "a large red circle small blue star green square yellow triangle purple hexagon".split()
+WORDS = ["a", "large", "red", "circle", "small", "blue", "star", "green", "square", "yellow", "triangle",
+         "purple", "hexagon"]
 
 
 def side_by_side(first, second, repeats: int) -> tuple[float, float]:
