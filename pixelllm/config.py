@@ -281,7 +281,8 @@ def _tiny() -> PixelLLMConfig:
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
         mask_prompt_box="target",
-        max_text_tokens=64,
+        location_loss_weight=0.24,  # 0.1 at the paper's 384 px canvas, rescaled to the same weight per image fraction
+        max_text_tokens=96,  # shapes-world narratives run to about 70 tokens
     )
 
 

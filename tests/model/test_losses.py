@@ -64,7 +64,8 @@ def test_task_gates_switch_terms_off():
         out = model(batch)
         mask_terms = 20 * out.losses["mask_focal"] + out.losses["mask_dice"] + out.losses["mask_iou"]
         detection_terms = 0.5 * out.losses["detection_heatmap"] + out.losses["detection_box"]
-        expected = out.losses["text"] + 0.1 * out.losses["location"] + mask_terms + detection_terms
+        weight = model.config.location_loss_weight
+        expected = out.losses["text"] + weight * out.losses["location"] + mask_terms + detection_terms
         assert mask_terms.item() > 0 and math.isclose(out.loss.item(), expected.item(), rel_tol=1e-6)
         # gating a prompt off gives the loss of the batch without that prompt's tokens
         one_off = model(dict(batch, caption_weight=torch.tensor([1.0, 0.0, 0.0]))).losses["text"]
