@@ -7,6 +7,10 @@
     image.locate("the red circle")               # [x0, y0, x1, y1]
     image.segment("the red circle")              # Segmentation(box, mask)
     image.dense_caption()                        # [Region(box, score, caption)]
+    encoded = predictor.encode_batch(paths)      # many images in one pass, then all their prompts
+    predictor.locate_batch(encoded, texts)       # in one decode (texts[i] on encoded[i]); likewise
+                                                 # caption_batch, caption_regions_batch, segment_batch,
+                                                 # dense_caption_batch, token_boxes
 
 Every coordinate in and out is in pixels of the original image. Decoding follows the official
 settings: captions beam 4 with length penalty 0.6; referring expressions beam 3, at most 40
@@ -27,7 +31,7 @@ from pixelllm.data.images import load_image
 from pixelllm.data.transforms import CanvasTransform, prepare_image
 from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
-from pixelllm.generation import GenerationOutput, generate
+from pixelllm.generation import GenerationOutput, _teacher_forced_boxes, generate
 from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt
@@ -44,6 +48,18 @@ class _Prompt:
     box: np.ndarray  # (4,) canvas pixels
     is_point: bool
     text: str
+
+
+@dataclass
+class _Located:
+    """A referring expression located on an image: its box (original pixels), the ids decoded for
+    it, and the request that decoded them."""
+
+    image: EncodedImage
+    expression: str
+    box: list[float]
+    sequence: list[int]
+    request: _Prompt
 
 
 class Predictor:
@@ -81,22 +97,95 @@ class Predictor:
                 for i, p in enumerate(prepared)]
 
     def caption_batch(self, images, **decoding) -> list[Caption]:
-        """Traced captions of many images, encoded and decoded together."""
-        encoded = self.encode_batch(images)
-        if not encoded:
-            return []
-        features = ImageFeatures(*(torch.cat(parts) for parts in zip(
-            *((e.features.features, e.features.sam_embeddings, e.features.valid_size) for e in encoded),
-            strict=True)))
-        requests = [e._trace_prompt() for e in encoded]
-        index = torch.arange(len(encoded), device=self.device)
-        out = self._generate(features, index, requests, **{**CAPTION_DECODING, **decoding})
+        """Traced captions of many images (or ``EncodedImage`` objects), decoded together."""
+        encoded = self._encoded(images)
+        requests = [(e, e._trace_prompt()) for e in encoded]
+        out = self._generate(requests, **{**CAPTION_DECODING, **decoding})
         return [e._caption(out, i) for i, e in enumerate(encoded)]
 
+    def caption_regions_batch(self, encoded: list[EncodedImage], boxes, **decoding) -> list[list[Caption]]:
+        """Captions of the regions ``boxes[i]`` (original pixels) of every ``encoded[i]``, decoded in
+        one batch."""
+        requests = [(e, e._region_prompt(box)) for e, image_boxes in zip(encoded, boxes, strict=True)
+                    for box in image_boxes]
+        out = self._generate(requests, **{**REGION_DECODING, **decoding})
+        captions = [e._caption(out, row) for row, (e, _) in enumerate(requests)]
+        return _per_image(captions, [len(b) for b in boxes])
+
+    def locate_batch(self, encoded: list[EncodedImage], expressions, **decoding) -> list[list[list[float]]]:
+        """The box of every expression ``expressions[i][j]`` on ``encoded[i]``, decoded in one batch."""
+        located = self._locate(encoded, expressions, **decoding)
+        return _per_image([x.box for x in located], [len(x) for x in expressions])
+
+    def segment_batch(self, encoded: list[EncodedImage], expressions, **decoding) -> list[list[Segmentation]]:
+        """The box and mask of every expression ``expressions[i][j]`` on ``encoded[i]``; the
+        expressions are decoded in one batch, then each mask is read."""
+        located = self._locate(encoded, expressions, **decoding)
+        return _per_image([x.image._segment(x) for x in located], [len(x) for x in expressions])
+
     @torch.no_grad()
-    def _generate(self, features: ImageFeatures, image_index: torch.Tensor, requests: list[_Prompt],
-                  **decoding) -> GenerationOutput:
+    def dense_caption_batch(self, encoded: list[EncodedImage], max_regions: int | None = None,
+                            **decoding) -> list[list[Region]]:
+        """Detected regions of every image with their captions, best score first; the proposals of
+        all images are captioned in one batch."""
+        if max_regions is not None and max_regions < 1:
+            raise InputError(f"max_regions must be at least 1, got {max_regions}")
+        if not encoded:
+            return []
+        features, _ = _stack(encoded)
+        proposals = self.model.propose(features, max_proposals=max_regions)
+        found = [(e, box, score) for e, (boxes, scores) in zip(encoded, proposals, strict=True)
+                 for box, score in zip(boxes.cpu().numpy(), scores.tolist(), strict=True)]
+        out = self._generate([(e, _Prompt(box, False, self.prompts["region"])) for e, box, _ in found],
+                             **{**REGION_DECODING, **decoding})
+        regions = []
+        for row, (e, box, score) in enumerate(found):
+            caption = e._caption(out, row)
+            box = _clip_box(e.transform.boxes_to_original(box), e.image_size)
+            regions.append(Region(box, score, caption.text, caption.words))
+        return _per_image(regions, [len(scores) for _, scores in proposals])
+
+    @torch.no_grad()
+    def token_boxes(self, encoded: list[EncodedImage], token_ids: list[list[int]]) -> list[np.ndarray]:
+        """The box of every token when the model reads ``token_ids[i]`` (EOS excluded) as the
+        caption of ``encoded[i]`` (the trace prompt, teacher-forced): ``(len, 4)`` original pixels."""
+        if not encoded:
+            return []
+        requests = [(e, e._trace_prompt()) for e in encoded]
+        features, index = _stack([e for e, _ in requests])
+        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
+        visual = self.model.visual_tokens(features, index, boxes, is_point)
+        canvas = _teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids,
+                                       features.valid_size[index])
+        return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
+                if len(c) else np.zeros((0, 4)) for e, c in zip(encoded, canvas, strict=True)]
+
+    def _encoded(self, images) -> list[EncodedImage]:
+        if all(isinstance(image, EncodedImage) for image in images):
+            return list(images)
+        return self.encode_batch(images)
+
+    def _locate(self, encoded: list[EncodedImage], expressions, **decoding) -> list[_Located]:
+        """Every expression located, in order, from one batched decode."""
+        texts = [(e, _check_text(text, "expression")) for e, image_texts in zip(encoded, expressions, strict=True)
+                 for text in image_texts]
+        requests = [(e, e._refer_prompt(text)) for e, text in texts]
+        out = self._generate(requests, **{**REFER_DECODING, **decoding})
+        return [_Located(e, text, e._located_box(out, row, request, text), out.sequences[row], request)
+                for row, ((e, request), (_, text)) in enumerate(zip(requests, texts, strict=True))]
+
+    @torch.no_grad()
+    def _generate(self, requests: list[tuple[EncodedImage, _Prompt]], **decoding) -> GenerationOutput:
+        """Decode prompts on any mix of encoded images in one batch; output row i answers request i."""
         decoding.setdefault("max_new_tokens", self.model.config.max_text_tokens)
+        if not requests:
+            return GenerationOutput([], [], torch.zeros(0))
+        features, index = _stack([e for e, _ in requests])
+        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
+        return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask, **decoding)
+
+    def _prompt_tensors(self, requests: list[_Prompt]):
+        """``input_ids``, ``attention_mask`` ``(N, Lp)``, canvas ``boxes (N, 4)``, ``is_point (N,)``."""
         ids = [encode_prompt(self.tokenizer, r.text) for r in requests]
         length = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -106,8 +195,7 @@ class Predictor:
             attention_mask[row, : len(row_ids)] = 1
         boxes = torch.tensor(np.stack([r.box for r in requests]), dtype=torch.float32, device=self.device)
         is_point = torch.tensor([r.is_point for r in requests], device=self.device)
-        return generate(self.model, features, image_index, boxes, is_point, input_ids.to(self.device),
-                        attention_mask.to(self.device), **decoding)
+        return input_ids.to(self.device), attention_mask.to(self.device), boxes, is_point
 
 
 class EncodedImage:
@@ -142,57 +230,34 @@ class EncodedImage:
 
     def caption_regions(self, boxes, **decoding) -> list[Caption]:
         """Captions of many regions of this image, decoded together in one batch."""
-        requests = [_Prompt(self._check_box(b), False, self.predictor.prompts["region"]) for b in boxes]
-        if not requests:
-            return []
-        out = self._decode(requests, **{**REGION_DECODING, **decoding})
-        return [self._caption(out, i) for i in range(len(requests))]
+        return self.predictor.caption_regions_batch([self], [boxes], **decoding)[0]
 
     def locate(self, expression: str, **decoding) -> list[float]:
         """The box ``[x0, y0, x1, y1]`` of a referring expression."""
-        return self._locate(expression, **decoding)[0]
+        return self.predictor.locate_batch([self], [[expression]], **decoding)[0][0]
 
     def segment(self, expression: str, **decoding) -> Segmentation:
         """The box and ``(H, W)`` bool mask of a referring expression."""
-        box, out, request = self._locate(expression, **decoding)
-        model = self.predictor.model
-        index = torch.zeros(1, dtype=torch.long, device=self.predictor.device)
-        with torch.no_grad():
-            visual = self._visual_tokens([request])
-            sequence = out.sequences[0] or _fallback_ids(self.predictor.tokenizer, expression)
-            hidden, ids = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, request.text, sequence)
-            canvas_box = torch.tensor(self.transform.boxes_to_canvas(box), dtype=torch.float32,
-                                      device=self.predictor.device)[None]
-            logits, iou = model.mask_logits(self.features, index, canvas_box, visual, hidden,
-                                            torch.ones_like(ids, dtype=torch.bool))
-        mask = self._mask_to_original(logits[0])
-        return Segmentation(expression, box, mask, self.image_size, float(iou[0]))
+        return self.predictor.segment_batch([self], [[expression]], **decoding)[0][0]
 
     def dense_caption(self, max_regions: int | None = None, **decoding) -> list[Region]:
         """Detected regions, each with its caption, best score first."""
-        if max_regions is not None and max_regions < 1:
-            raise InputError(f"max_regions must be at least 1, got {max_regions}")
-        with torch.no_grad():
-            boxes, scores = self.predictor.model.propose(self.features, max_proposals=max_regions)[0]
-        if len(boxes) == 0:
-            return []
-        requests = [_Prompt(b, False, self.predictor.prompts["region"]) for b in boxes.cpu().numpy()]
-        out = self._decode(requests, **{**REGION_DECODING, **decoding})
-        regions = []
-        for i, score in enumerate(scores.tolist()):
-            caption = self._caption(out, i)
-            box = self.transform.boxes_to_original(boxes[i].cpu().numpy())
-            regions.append(Region(_clip_box(box, self.image_size), score, caption.text, caption.words))
-        return regions
+        return self.predictor.dense_caption_batch([self], max_regions, **decoding)[0]
 
     # -- shared steps --------------------------------------------------------------------------
 
     def _trace_prompt(self) -> _Prompt:
         return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"])
 
+    def _region_prompt(self, box) -> _Prompt:
+        return _Prompt(self._check_box(box), False, self.predictor.prompts["region"])
+
+    def _refer_prompt(self, expression: str) -> _Prompt:
+        text = self.predictor.prompts["refer"].format(expression=expression)
+        return _Prompt(self._trace_prompt().box, False, text)
+
     def _decode(self, requests: list[_Prompt], **decoding) -> GenerationOutput:
-        index = torch.zeros(len(requests), dtype=torch.long, device=self.predictor.device)
-        return self.predictor._generate(self.features, index, requests, **decoding)
+        return self.predictor._generate([(self, r) for r in requests], **decoding)
 
     def _visual_tokens(self, requests: list[_Prompt]) -> torch.Tensor:
         device = self.predictor.device
@@ -201,13 +266,10 @@ class EncodedImage:
         index = torch.zeros(len(requests), dtype=torch.long, device=device)
         return self.predictor.model.visual_tokens(self.features, index, boxes, is_point)
 
-    def _locate(self, expression: str, **decoding):
-        expression = _check_text(expression, "expression")
-        request = _Prompt(self._trace_prompt().box, False,
-                          self.predictor.prompts["refer"].format(expression=expression))
-        out = self._decode([request], **{**REFER_DECODING, **decoding})
-        if out.sequences[0]:
-            canvas_box = out.boxes[0][-1]  # the location at the last word: the step before EOS
+    def _located_box(self, out: GenerationOutput, row: int, request: _Prompt, expression: str) -> list[float]:
+        """The box of a referring expression from row ``row`` of a decode, in original pixels."""
+        if out.sequences[row]:
+            canvas_box = out.boxes[row][-1]  # the location at the last word: the step before EOS
         else:  # the model stopped at once: read the box at the expression's last word instead
             model = self.predictor.model
             with torch.no_grad():
@@ -215,8 +277,23 @@ class EncodedImage:
                 hidden, _ = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, request.text,
                                                    _fallback_ids(self.predictor.tokenizer, expression))
                 canvas_box = model.location_head(hidden[:, -1], self.features.valid_size)[0]
-        box = _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
-        return box, out, request
+        return _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
+
+    def _segment(self, located: _Located) -> Segmentation:
+        """The mask of a located expression."""
+        model = self.predictor.model
+        index = torch.zeros(1, dtype=torch.long, device=self.predictor.device)
+        with torch.no_grad():
+            visual = self._visual_tokens([located.request])
+            sequence = located.sequence or _fallback_ids(self.predictor.tokenizer, located.expression)
+            hidden, ids = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, located.request.text,
+                                                 sequence)
+            canvas_box = torch.tensor(self.transform.boxes_to_canvas(located.box), dtype=torch.float32,
+                                      device=self.predictor.device)[None]
+            logits, iou = model.mask_logits(self.features, index, canvas_box, visual, hidden,
+                                            torch.ones_like(ids, dtype=torch.bool))
+        mask = self._mask_to_original(logits[0])
+        return Segmentation(located.expression, located.box, mask, self.image_size, float(iou[0]))
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:
         ids = out.sequences[row]
@@ -258,6 +335,25 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     from pixelllm.assets import default_checkpoint
 
     return Predictor(PixelLLM.from_pretrained(path or default_checkpoint()), device=device)
+
+
+def _stack(encoded: list[EncodedImage]) -> tuple[ImageFeatures, torch.Tensor]:
+    """The distinct images of ``encoded`` as one feature batch, and the index of each entry in it."""
+    distinct = list({id(e): e for e in encoded}.values())
+    position = {id(e): i for i, e in enumerate(distinct)}
+    features = ImageFeatures(*(torch.cat(parts) for parts in zip(
+        *((e.features.features, e.features.sam_embeddings, e.features.valid_size) for e in distinct), strict=True)))
+    index = torch.tensor([position[id(e)] for e in encoded], dtype=torch.long, device=features.features.device)
+    return features, index
+
+
+def _per_image(results: list, counts: list[int]) -> list[list]:
+    """A flat list of results cut into consecutive groups of ``counts``."""
+    groups, start = [], 0
+    for count in counts:
+        groups.append(results[start : start + count])
+        start += count
+    return groups
 
 
 def _teacher_forced_hidden(model: PixelLLM, visual: torch.Tensor, tokenizer, prompt: str, sequence: list[int]):

@@ -232,18 +232,25 @@ def trace_positions(trace: np.ndarray, times: np.ndarray) -> np.ndarray:
     return out
 
 
+def utterance_samples(narrative: Narrative, num_samples: int = NUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
+    """The official per-utterance trace samples: positions ``(U, S, 2)`` (normalized, unclipped) at
+    the times ``(U, S)`` ``linspace(start_time, end_time, S)``."""
+    times = np.array([np.linspace(u.start_time, u.end_time, num_samples) for u in narrative.utterances])
+    times = times.reshape(len(narrative.utterances), num_samples)
+    return np.array([trace_positions(narrative.trace, t) for t in times]).reshape(*times.shape, 2), times
+
+
 def utterance_locations(
     narrative: Narrative, num_samples: int = NUM_SAMPLES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Official per-utterance ``boxes (U, 4)`` and ``centers (U, 2)``, normalized, unclipped."""
+    positions, times = utterance_samples(narrative, num_samples)
     boxes = np.zeros((len(narrative.utterances), 4))
     centers = np.zeros((len(narrative.utterances), 2))
-    for i, u in enumerate(narrative.utterances):
-        times = np.linspace(u.start_time, u.end_time, num_samples)
-        xy = trace_positions(narrative.trace, times)
+    for i, (xy, t) in enumerate(zip(positions, times, strict=True)):
         boxes[i] = [*xy.min(axis=0), *xy.max(axis=0)]
-        span = times[-1] - times[0]
-        centers[i] = xy.mean(axis=0) if span < CENTER_EPS else np.trapezoid(xy, times, axis=0) / span
+        span = t[-1] - t[0]
+        centers[i] = xy.mean(axis=0) if span < CENTER_EPS else np.trapezoid(xy, t, axis=0) / span
     return boxes, centers
 
 
