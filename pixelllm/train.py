@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pixelllm.config import PixelLLMConfig, atomic_write_text, preset
 from pixelllm.data.collate import collate
 from pixelllm.data.pipeline import DEFAULT_AUGMENT, Augment, ExampleBuilder, TaskConfig
-from pixelllm.data.sources import open_reader
+from pixelllm.data.sources import open_source
 from pixelllm.errors import ConfigError, PixelLLMError
 from pixelllm.model import PixelLLM, build_from_pretrained_parts, build_model
 from pixelllm.tokenization import train_tokenizer
@@ -54,7 +54,7 @@ STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
 
 @dataclass
 class DatasetConfig:
-    """One training source: ``task`` samples read from ``data`` (see ``pixelllm.data.sources``)."""
+    """One training source: ``task`` samples read from ``data`` (layouts: ``pixelllm.data.sources``)."""
 
     task: str
     data: str
@@ -250,7 +250,7 @@ class MixtureBatches(torch.utils.data.Sampler):
 def load_sources(config: TrainConfig, tokenizer, image_size: int, prompts: dict) -> list[tuple[list, ExampleBuilder]]:
     sources = []
     for spec in config.datasets:
-        reader = open_reader(spec.task, spec.data, split=spec.split, images=spec.images)
+        reader = open_source(spec.task, spec.data, split=spec.split, images=spec.images).reader
         samples = list(reader)
         if not samples:
             raise ConfigError(f"dataset {spec.task} at {spec.data} has no usable sample ({reader.summary()})")

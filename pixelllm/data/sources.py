@@ -1,77 +1,198 @@
-"""From a path on disk to the reader of a task's data.
+"""From ``--data PATH`` (and optional ``--images DIR``, ``--split``) to the reader of a task's data.
 
-``open_reader(task, path)`` accepts:
+``PATH`` is one of these layouts; the task picks the first that it can use:
 
-- a **shapes-world split directory** (what ``pixelllm synth`` writes: ``images/``,
-  ``localized_narratives/*.jsonl``, ``refcoco/``, ``visual_genome/``), for every task;
-- a **Localized Narratives** ``.jsonl`` file (trace), images in ``images`` (default: the file's folder);
-- a **RefCOCO** directory holding ``refs(unc).p`` / ``refs(umd).p`` / ``refs(google).p`` and
-  ``instances.json`` (refer, refseg), images in ``images`` (default: ``<dir>/images``);
-- a **Visual Genome** directory holding ``region_descriptions.json`` and ``image_data.json``
-  (region, densecap), images in ``images`` (default: ``<dir>/images``).
+=================================  ==========================================================  ==============
+layout                             what ``PATH`` is                                            tasks
+=================================  ==========================================================  ==============
+shapes-world split                 a directory written by ``pixelllm synth`` (``images/``,     all
+                                   ``localized_narratives/``, ``refcoco/``, ``visual_genome/``)
+Localized Narratives               a ``.jsonl`` file, or a directory of them                   trace
+RefCOCO / RefCOCO+ / RefCOCOg      a directory with ``refs(unc).p`` / ``refs(umd).p`` /         refer, refseg,
+                                   ``refs(google).p`` and ``instances.json``, or the refs file  regioncap
+Visual Genome (official)           a directory with ``region_descriptions.json`` and            regioncap,
+                                   ``image_data.json``, or ``region_descriptions.json`` itself  densecap
+Visual Genome (GRiT densecap JSON) any other ``.json`` file: COCO-style ``images`` and          regioncap,
+                                   ``annotations`` with ``caption`` (``test.json``: 5,000       densecap
+                                   images)
+=================================  ==========================================================  ==============
+
+Images: ``images`` when given, else the first folder that exists of ``<dir>/images``,
+``<dir>/../images`` and ``<dir>`` itself, ``<dir>`` being the folder of the annotation files (so a
+shapes-world split needs nothing more). Localized Narratives files name images only by id: a file
+of the image folder is found by its name without extension (``{image_id}.jpg``, ``.png``...) or by
+the number at the end of it (COCO's ``000000391895.jpg`` or ``COCO_val2014_000000391895.jpg`` for
+image id ``391895``). Visual Genome images may sit in the ``VG_100K`` / ``VG_100K_2`` subfolders that
+their ``url`` names.
+
+RefCOCO ``split``: ``val``, ``testA``, ... (the family, for checking the name, is the folder's name
+when it is ``refcoco``, ``refcoco+`` or ``refcocog``, else ``refcocog`` for ``refs(umd).p`` /
+``refs(google).p`` and ``refcoco`` otherwise). Without one: all refs when the file holds a single
+split (a shapes-world split), else ``val``.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pixelllm.data.ln import LocalizedNarrativesReader
-from pixelllm.data.refcoco import RefCocoReader
+from pixelllm.data.refcoco import SPLITS, RefCocoReader, load_refs
 from pixelllm.data.report import Reader
-from pixelllm.data.vg import VisualGenomeReader
+from pixelllm.data.vg import GritVgReader, VisualGenomeReader
 from pixelllm.errors import DataError
 
-READERS = {
-    "trace": "narratives", "caption": "narratives",
-    "refer": "refcoco", "refseg": "refcoco",
-    "region": "vg", "regioncap": "vg", "densecap": "vg",
+LAYOUTS = {
+    "trace": ("narratives",),
+    "caption": ("narratives",),
+    "refer": ("refcoco",),
+    "refseg": ("refcoco",),
+    "regioncap": ("vg", "grit", "refcoco"),
+    "region": ("vg", "grit", "refcoco"),  # the training task of region captions
+    "densecap": ("vg", "grit"),
 }
-REFS_FILES = {"refs(unc).p": "refcoco", "refs(umd).p": "refcocog", "refs(google).p": "refcocog"}
+EXPECTED = {
+    "narratives": "a Localized Narratives .jsonl file (or a folder of them)",
+    "refcoco": "a RefCOCO folder (refs(unc).p and instances.json)",
+    "vg": "a Visual Genome folder (region_descriptions.json and image_data.json)",
+    "grit": "a GRiT-style Visual Genome .json file",
+}
+REFS_FILES = ("refs(unc).p", "refs(umd).p", "refs(google).p")
+SHAPES_FOLDERS = {"narratives": "localized_narratives", "refcoco": "refcoco", "vg": "visual_genome"}
 
 
-def is_shapes_split(path: Path) -> bool:
-    return (path / "images").is_dir() and (path / "refcoco").is_dir() and (path / "visual_genome").is_dir()
+@dataclass
+class DataSource:
+    """The reader of a task's data, the layout it was found in (a key of ``EXPECTED``), its image
+    folder, and the RefCOCO split evaluated (None for other data)."""
+
+    reader: Reader
+    layout: str
+    images: Path
+    split: str | None = None
 
 
-def open_reader(task: str, path: str | Path, *, split: str | None = None,
-                images: str | Path | None = None) -> Reader:
-    """The reader of ``task``'s samples at ``path`` (see the module docstring for the layouts).
-
-    ``split`` selects a RefCOCO split (``val``, ``testA``...); ``images`` overrides the image folder.
-    """
-    path = Path(path)
-    if task not in READERS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(sorted(READERS))}")
+def open_source(
+    task: str, data: str | os.PathLike, *, images: str | os.PathLike | None = None, split: str | None = None
+) -> DataSource:
+    """The reader of ``task``'s samples at ``data``; ``DataError`` (one line) when ``data`` is not a
+    dataset this task can use. See the module docstring for the layouts."""
+    if task not in LAYOUTS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(LAYOUTS)}")
+    path = Path(data)
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    kind = READERS[task]
-    if is_shapes_split(path):
-        image_dir = Path(images) if images else path / "images"
-        return _shapes_reader(kind, path, image_dir)
-    if kind == "narratives":
-        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"{path} holds no Localized Narratives .jsonl file")
-        return LocalizedNarrativesReader(files, Path(images) if images else files[0].parent)
-    if not path.is_dir():
-        raise DataError(f"{path} is not a directory: {task} data is a {kind} directory")
-    image_dir = Path(images) if images else path / "images"
-    if kind == "refcoco":
-        refs = next((path / name for name in REFS_FILES if (path / name).is_file()), None)
-        if refs is None or not (path / "instances.json").is_file():
-            raise DataError(f"{path} needs refs(unc).p (or refs(umd).p) and instances.json for {task}")
-        return RefCocoReader(refs, path / "instances.json", image_dir, REFS_FILES[refs.name], split)
-    regions, image_data = path / "region_descriptions.json", path / "image_data.json"
-    if not regions.is_file() or not image_data.is_file():
-        raise DataError(f"{path} needs region_descriptions.json and image_data.json for {task}")
-    return VisualGenomeReader(regions, image_data, image_dir)
+    found = _layouts(_shapes_part(path, task))
+    layout = next((name for name in LAYOUTS[task] if name in found), None)
+    if layout is None:
+        wanted = " or ".join(EXPECTED[name] for name in LAYOUTS[task])
+        raise DataError(f"{path} is not {task} data: expected {wanted}, or a shapes-world split")
+    if split is not None and layout != "refcoco":
+        raise DataError(f"split {split!r} applies to RefCOCO data only, and {path} is {EXPECTED[layout]}")
+    files = found[layout]
+    image_dir = Path(images) if images is not None else _default_images(files[0].parent)
+    if not image_dir.is_dir():
+        raise DataError(f"image folder not found: {image_dir}")
+    if layout == "narratives":
+        return DataSource(LocalizedNarrativesReader(files, image_dir, ImageIndex(image_dir)), layout, image_dir)
+    if layout == "vg":
+        return DataSource(VisualGenomeReader(files[0], files[1], image_dir), layout, image_dir)
+    if layout == "grit":
+        return DataSource(GritVgReader(files[0], image_dir), layout, image_dir)
+    refs, instances = files
+    present = sorted({str(r.get("split")) for r in load_refs(refs) if isinstance(r, dict)})
+    split = _refcoco_split(refs, split, present)
+    # A file that holds one split only (a shapes-world split) is read whole, whatever its name.
+    reader_split = None if len(present) == 1 else split
+    reader = RefCocoReader(refs, instances, image_dir, _refcoco_family(refs), reader_split)
+    return DataSource(reader, layout, image_dir, split)
 
 
-def _shapes_reader(kind: str, path: Path, image_dir: Path) -> Reader:
-    if kind == "narratives":
-        files = sorted((path / "localized_narratives").glob("*.jsonl"))
-        return LocalizedNarrativesReader(files, image_dir, "{image_id}.png")
-    if kind == "refcoco":
-        return RefCocoReader(path / "refcoco" / "refs(unc).p", path / "refcoco" / "instances.json", image_dir)
-    vg = path / "visual_genome"
-    return VisualGenomeReader(vg / "region_descriptions.json", vg / "image_data.json", image_dir)
+def _shapes_part(path: Path, task: str) -> Path:
+    """The folder of this task's files inside a shapes-world split, or ``path`` itself."""
+    if not (path.is_dir() and (path / "images").is_dir()):
+        return path
+    for layout in LAYOUTS[task]:
+        folder = path / SHAPES_FOLDERS.get(layout, "")
+        if layout in SHAPES_FOLDERS and folder.is_dir():
+            return folder
+    return path
+
+
+def _layouts(path: Path) -> dict[str, list[Path]]:
+    """The layouts found at ``path``, each with its files."""
+    if path.is_file():
+        return _file_layouts(path)
+    found: dict[str, list[Path]] = {}
+    jsonl = sorted(path.glob("*.jsonl"))
+    if jsonl:
+        found["narratives"] = jsonl
+    refs = next((path / name for name in REFS_FILES if (path / name).is_file()), None)
+    if refs is not None and (path / "instances.json").is_file():
+        found["refcoco"] = [refs, path / "instances.json"]
+    if (path / "region_descriptions.json").is_file() and (path / "image_data.json").is_file():
+        found["vg"] = [path / "region_descriptions.json", path / "image_data.json"]
+    return found
+
+
+def _file_layouts(path: Path) -> dict[str, list[Path]]:
+    if path.suffix == ".jsonl":
+        return {"narratives": [path]}
+    if path.name in REFS_FILES:
+        return _layouts(path.parent)
+    if path.name == "region_descriptions.json":
+        return {"vg": [path, path.parent / "image_data.json"]}
+    if path.suffix == ".json":
+        return {"grit": [path]}
+    return {}
+
+
+def _default_images(folder: Path) -> Path:
+    candidates = (folder / "images", folder.parent / "images", folder)
+    return next(c for c in candidates if c.is_dir())
+
+
+def _refcoco_family(refs: Path) -> str:
+    if refs.parent.name in SPLITS:
+        return refs.parent.name
+    return "refcoco" if refs.name == "refs(unc).p" else "refcocog"
+
+
+def _refcoco_split(refs: Path, split: str | None, present: list[str]) -> str | None:
+    """The split to evaluate: ``split`` if the refs have it; without one, their only split, or ``val``."""
+    if split is None:
+        if len(present) <= 1:
+            return present[0] if present else None
+        if "val" not in present:
+            raise DataError(f"{refs} holds the splits {', '.join(present)}: choose one")
+        split = "val"
+    if split not in present:
+        raise DataError(f"{refs} has no refs of split {split!r}; its splits are {', '.join(present) or 'none'}")
+    return split
+
+
+class ImageIndex:
+    """Finds the image file of a Localized Narratives ``image_id`` in one folder (the reader's
+    ``image_name``): by the file's name without extension, or by the number it ends with."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._names: dict[str, str] | None = None
+
+    def __call__(self, dataset_id: str, image_id: str) -> str:
+        if self._names is None:
+            self._names = self._scan()
+        return self._names.get(image_id) or self._names.get(image_id.lstrip("0") or "0") or f"{image_id}.jpg"
+
+    def _scan(self) -> dict[str, str]:
+        names: dict[str, str] = {}
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                stem = Path(entry.name).stem
+                names.setdefault(stem, entry.name)
+                number = re.search(r"(\d+)$", stem)
+                if number:
+                    names.setdefault(number.group(1).lstrip("0") or "0", entry.name)
+        return names

@@ -31,10 +31,10 @@ from tqdm import tqdm
 from pixelllm.data.images import load_image
 from pixelllm.data.report import Reader, SkipReport
 from pixelllm.data.samples import Sample
+from pixelllm.data.sources import EXPECTED, open_source
 from pixelllm.errors import DataError, InputError
 from pixelllm.evaluate.captions import MeteorScorer
 from pixelllm.evaluate.protocols import PROTOCOLS, EvalImage, Protocol
-from pixelllm.evaluate.sources import EXPECTED, open_source
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.tasks import Predictor
 
@@ -124,7 +124,7 @@ def evaluate(
     Args:
         predictor: a ``Predictor``, a ``PixelLLM`` (wrapped; its train/eval mode is restored after),
             or a ``GroundTruthOracle``.
-        data: a dataset path (layouts in ``pixelllm.evaluate.sources``); ``images``: the image folder
+        data: a dataset path (layouts in ``pixelllm.data.sources``); ``images``: the image folder
             when it is not the default; ``split``: the RefCOCO split (default: the file's only split,
             else ``val``).
         batch_size: images encoded and answered together. limit: only the first ``limit`` images.

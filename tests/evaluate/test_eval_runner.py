@@ -16,13 +16,11 @@ import torch
 from helpers import tiny_model, tokenizer
 
 from pixelllm.data.refcoco import load_refs
+from pixelllm.data.sources import ImageIndex
 from pixelllm.data.synthetic import generate
 from pixelllm.errors import DataError
 from pixelllm.evaluate.runner import GroundTruthOracle, evaluate
-from pixelllm.evaluate.sources import ImageIndex
 from pixelllm.tasks import Predictor
-
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="caption metrics need Java")
 
 TASKS = ("trace", "refer", "refseg", "regioncap", "densecap")
 PERCENT = {"precision@1", "cIoU", "gIoU", "mAP", "mAP_detection", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4",
