@@ -40,6 +40,7 @@ from pixelllm.evaluate.captions import CaptionMetrics, MeteorScorer
 from pixelllm.evaluate.densecap import DenseCaptioning, merge_regions
 from pixelllm.evaluate.refer import ReferringLocalization
 from pixelllm.evaluate.refseg import ReferringSegmentation
+from pixelllm.evaluate.shapes import ColorShapeAccuracy, WordGrounding
 from pixelllm.evaluate.trace import TracePointL1
 from pixelllm.results import Region, Segmentation
 from pixelllm.tokenization import encode_target
@@ -71,11 +72,13 @@ class TraceUnit:
 
 @dataclass
 class TraceAnswer:
-    """The image's generated caption, and per narrative the predicted points of its tokens
-    (``(T, 2)``, or ``(T, P, 2)`` for several points per token)."""
+    """The image's generated caption (and its words with their points, when a model made it), and
+    per narrative the predicted points of its tokens (``(T, 2)``, or ``(T, P, 2)`` for several
+    points per token)."""
 
     caption: str
     points: list[np.ndarray]
+    words: list | None = None
 
 
 @dataclass
@@ -149,10 +152,11 @@ class Protocol(ABC):
         """Feed the metrics with a batch; the per-sample records."""
 
     def compute(self) -> tuple[dict[str, float], dict[str, float]]:
-        """The metric values and the primary metric's counts."""
+        """The metric values (of the metrics that scored anything) and the primary metric's counts."""
         values: dict[str, float] = {}
         for metric in self.metrics:
-            values.update({k: v for k, v in metric.compute().items() if k not in metric.counts})
+            if metric is self.primary or metric.counts["num_samples"]:
+                values.update({k: v for k, v in metric.compute().items() if k not in metric.counts})
         return values, {k: float(v) for k, v in self.primary.counts.items()}
 
 
@@ -190,7 +194,8 @@ class TraceProtocol(Protocol):
             raise InputError("trace evaluation needs a tokenizer (GroundTruthOracle(tokenizer)): it scores tokens")
         self.points = TracePointL1()
         self.captions = CaptionMetrics(self.meteor)
-        self.metrics, self.primary = [self.points, self.captions], self.points
+        self.grounding = WordGrounding()  # fed where the scene's objects are known (shapes world)
+        self.metrics, self.primary = [self.points, self.captions, self.grounding], self.points
 
     def units(self, sample: Sample, size: tuple[int, int]) -> list[TraceUnit]:
         return [self._unit(narrative, size) for narrative in sample.narratives]
@@ -212,7 +217,7 @@ class TraceProtocol(Protocol):
         readers = [e for e, image in zip(encoded, images, strict=True) for _ in image.units]
         boxes = predictor.token_boxes(readers, [unit.token_ids for image in images for unit in image.units])
         centers = [(b[:, :2] + b[:, 2:]) / 2 for b in boxes]
-        return [TraceAnswer(c.text, points)
+        return [TraceAnswer(c.text, points, c.words)
                 for c, points in zip(captions, _per_image(centers, images), strict=True)]
 
     def oracle(self, images: list[EvalImage]) -> list[TraceAnswer]:
@@ -222,6 +227,9 @@ class TraceProtocol(Protocol):
         records = []
         for image, answer in zip(images, answers, strict=True):
             self.captions.update([answer.caption], [[unit.caption for unit in image.units]])
+            if answer.words is not None and image.sample.regions:
+                objects = [(" ".join(region.texts), region.box) for region in image.sample.regions]
+                self.grounding.update(answer.words, objects)
             for unit, points in zip(image.units, answer.points, strict=True):
                 batch = ([points], [unit.points], [unit.mask], [image.size])
                 self.points.update(*batch)
@@ -321,7 +329,8 @@ class RegionCaptionProtocol(Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.captions = CaptionMetrics(self.meteor)
-        self.metrics, self.primary = [self.captions], self.captions
+        self.color_shape = ColorShapeAccuracy()  # scores references made of shapes-world words
+        self.metrics, self.primary = [self.captions, self.color_shape], self.captions
 
     def units(self, sample: Sample, size: tuple[int, int]) -> list[RegionUnit]:
         return [RegionUnit(list(region.box), region.texts) for region in sample.regions]
@@ -337,6 +346,7 @@ class RegionCaptionProtocol(Protocol):
         pairs = [(image, unit, caption) for image, captions in zip(images, answers, strict=True)
                  for unit, caption in zip(image.units, captions, strict=True)]
         self.captions.update([caption for _, _, caption in pairs], [unit.texts for _, unit, _ in pairs])
+        self.color_shape.update([caption for _, _, caption in pairs], [unit.texts for _, unit, _ in pairs])
         meteor = self._pair_meteor(pairs)
         return [_record(image, unit.box, caption, unit.texts, meteor=score)
                 for (image, unit, caption), score in zip(pairs, meteor, strict=True)]

@@ -142,6 +142,8 @@ def evaluate(
         raise InputError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     source = open_source(task, data, images=images, split=split)
     samples = _images(source.reader, limit)
+    if task == "trace":
+        _attach_scene_objects(samples, data, images)
     report = SkipReport("evaluation")
     want_records = per_sample_path is not None or report_path is not None
     with ExitStack() as stack:
@@ -179,6 +181,17 @@ def _restored_mode(model: PixelLLM):
         yield
     finally:
         model.train(training)
+
+
+def _attach_scene_objects(samples: list[Sample], data, images) -> None:
+    """Give narratives the regions of their image where the same data has them (a shapes-world
+    split: Visual Genome regions beside the narratives), for the word-grounding metric."""
+    try:
+        regions = {str(s.image_id): s.regions for s in open_source("regioncap", data, images=images).reader}
+    except DataError:
+        return
+    for sample in samples:
+        sample.regions = list(regions.get(str(sample.image_id), []))
 
 
 def _images(reader: Reader, limit: int | None) -> list[Sample]:

@@ -10,7 +10,8 @@ from torch import nn
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-SEMANTIC_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD)}
+SEMANTIC_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD),
+                  "pixelllm_small_vit": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def normalize(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Shapes-world checks of the embedded default: are the color and shape words right, and where?
+
+Two metrics, defined on the fixed vocabulary of ``docs/shapes_world.md`` (colors, shapes, sizes):
+
+- ``ColorShapeAccuracy`` (region captions): a caption is right when its color and shape words are
+  exactly those of a reference (``"small red circle"`` vs ``"a red circle"``: right; ``"red square"``:
+  wrong). References without a color or shape word are not counted.
+- ``WordGrounding`` (traced captions): every color or shape word of a generated caption belongs to
+  a mention (``[size] color shape``, e.g. "a large red circle"); the objects of the scene that
+  match the mention are the ones it names; the word is grounded when its predicted point lies in
+  the box of one of them. A mention that matches no object (a wrong color, a made-up shape)
+  counts all its words as missed. Result: the fraction of grounded words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from pixelllm.data.shapes.vocab import COLORS, SHAPES, SIZES
+from pixelllm.evaluate.base import Metric
+
+VOCABULARY = set(COLORS) | set(SHAPES)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def color_shape_words(text: str) -> set[str]:
+    return {w for w in _words(text) if w in VOCABULARY}
+
+
+def mentions(words: Sequence[str]) -> list[tuple[list[int], dict[str, str]]]:
+    """Runs of ``[size] [color] [shape]`` in ``words`` (lower-case word strings), each as the
+    indices of its color/shape words and its attributes ``{"size", "color", "shape"}`` (those said)."""
+    found, i = [], 0
+    while i < len(words):
+        attributes, indices, j = {}, [], i
+        for kind, table in (("size", SIZES), ("color", COLORS), ("shape", SHAPES)):
+            if j < len(words) and words[j] in table:
+                attributes[kind] = words[j]
+                if kind != "size":
+                    indices.append(j)
+                j += 1
+        if indices:
+            found.append((indices, attributes))
+            i = j
+        else:
+            i += 1
+    return found
+
+
+def _matches(attributes: dict[str, str], phrase: str) -> bool:
+    said = set(_words(phrase))
+    return all(value in said for value in attributes.values())
+
+
+class ColorShapeAccuracy(Metric):
+    """Percent of region captions whose color and shape words equal a reference's."""
+
+    def _clear(self) -> None:
+        self.right = 0
+
+    def update(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:
+        for prediction, refs in zip(predictions, references, strict=True):
+            wanted = [color_shape_words(r) for r in refs if color_shape_words(r)]
+            if not wanted:
+                self.counts["num_skipped"] += 1
+                continue
+            self.counts["num_samples"] += 1
+            self.right += color_shape_words(prediction) in wanted
+
+    def _values(self) -> dict[str, float]:
+        total = self.counts["num_samples"]
+        return {"color_shape_accuracy": 100.0 * self.right / total if total else float("nan")}
+
+
+class WordGrounding(Metric):
+    """Percent of generated color and shape words whose point is in the box of an object they name."""
+
+    def _clear(self) -> None:
+        self.grounded = 0
+
+    def update(self, words: Sequence, objects: Sequence[tuple[str, Sequence[float]]]) -> None:
+        """``words``: a caption's words, each with ``text`` and ``point`` ``[x, y]``; ``objects``:
+        the scene's ``(phrase, box)`` pairs, in the same pixel frame. Each color or shape word is a sample."""
+        texts = [(_words(w.text) or [""])[0] for w in words]
+        for indices, attributes in mentions(texts):
+            boxes = [box for phrase, box in objects if _matches(attributes, phrase)]
+            for i in indices:
+                x, y = words[i].point
+                self.counts["num_samples"] += 1
+                self.grounded += any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
+
+    def _values(self) -> dict[str, float]:
+        total = self.counts["num_samples"]
+        return {"word_grounding": 100.0 * self.grounded / total if total else float("nan")}

@@ -1,0 +1,44 @@
+"""Shapes-world checks: color/shape words right, and where (hand-made cases)."""
+
+import math
+
+from pixelllm.data.words import Word
+from pixelllm.evaluate.shapes import ColorShapeAccuracy, WordGrounding, mentions
+
+
+def _word(text, x, y):
+    return Word(text, [x - 1, y - 1, x + 1, y + 1], [x, y], [])
+
+
+def test_mentions():
+    words = ["we", "can", "see", "a", "large", "red", "circle", "and", "a", "blue", "star", "and", "the", "square"]
+    found = mentions(words)
+    assert [(i, a) for i, a in found] == [
+        ([5, 6], {"size": "large", "color": "red", "shape": "circle"}),
+        ([9, 10], {"color": "blue", "shape": "star"}),
+        ([13], {"shape": "square"}),
+    ]
+
+
+def test_color_shape_accuracy_by_hand():
+    metric = ColorShapeAccuracy()
+    metric.update(["small red circle", "a red circle", "large red square", "blue star", "tree"],
+                  [["small red circle"], ["large red circle"], ["large red circle"], ["small green star"],
+                   ["a tree in a park"]])
+    values = metric.compute()
+    # right, right (size is not judged), wrong shape, wrong color; the tree has no vocabulary word
+    assert values["color_shape_accuracy"] == 50.0
+    assert values["num_samples"] == 4 and values["num_skipped"] == 1
+
+
+def test_word_grounding_by_hand():
+    objects = [("large red circle", [0, 0, 10, 10]), ("small blue star", [20, 20, 30, 30]),
+               ("small red circle", [40, 0, 50, 10])]
+    words = [_word("a", 0, 0), _word("red", 45, 5), _word("circle,", 5, 5),  # both red circles count
+             _word("a", 0, 0), _word("blue", 25, 25), _word("star", 5, 25),  # star's point outside
+             _word("a", 0, 0), _word("green", 1, 1), _word("square", 1, 1)]  # no green square at all
+    metric = WordGrounding()
+    metric.update(words, objects)
+    values = metric.compute()
+    assert values["num_samples"] == 6
+    assert math.isclose(values["word_grounding"], 100 * 3 / 6)
