@@ -42,6 +42,12 @@ class ExtractorConfig:
     attention_downsample: int = 2
     num_tokens: int = 32
     token_dim: int = 1024  # width of each token's own output projection, before the LM projection
+    # Masked attention for models trained from scratch (off in the official design, where every token
+    # attends to the whole image): tokens attend to the image inside the prompt box only, and with
+    # ``token_grid`` g the output tokens (g x g of them) each to their own cell of a g x g grid over the
+    # box. Learning where to look from the corner tokens alone takes far more data than a CPU hour holds.
+    box_attention: bool = False
+    token_grid: int = 0
 
 
 @dataclass
@@ -133,6 +139,11 @@ class PixelLLMConfig:
             raise ConfigError(
                 f"extractor.width {ex.width} must be divisible by extractor.heads {ex.heads} "
                 f"(also after attention_downsample {ex.attention_downsample})"
+            )
+        if ex.token_grid and (not ex.box_attention or ex.num_tokens != ex.token_grid**2):
+            raise ConfigError(
+                f"extractor.token_grid {ex.token_grid} needs box_attention and num_tokens = "
+                f"{ex.token_grid ** 2} (got {ex.num_tokens})"
             )
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
@@ -274,7 +285,8 @@ def _tiny() -> PixelLLMConfig:
                  out_channels=64, decoder_layers=2, decoder_heads=4, decoder_mlp=256),
         semantic=_clip(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
         lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True),
-        extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128),
+        extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128,
+                                  box_attention=True, token_grid=4),
         location_head=LocationHeadConfig(hidden=128, depth=3),
         mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
         proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5), top_blocks=1),

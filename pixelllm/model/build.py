@@ -55,7 +55,7 @@ def hf_config(data: dict) -> PretrainedConfig:
 
 def build_model(config: PixelLLMConfig, tokenizer=None) -> PixelLLM:
     """A PixelLLM with freshly initialized weights."""
-    sam = SamModel(hf_config(config.sam))
+    sam = new_sam(config)
     semantic = AutoModel.from_config(hf_config(config.semantic))
     lm_config = hf_config(config.lm)
     lm_class = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
@@ -101,7 +101,7 @@ def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: 
     config = PixelLLMConfig.from_dict(config.to_dict())  # validate the combination
     text = tokenizer or lm
     loaded_tokenizer = AutoTokenizer.from_pretrained(_checkpoint_dir(text)) if text is not None else None
-    sam_model = parts.get("sam") or SamModel(hf_config(config.sam))
+    sam_model = parts.get("sam") or new_sam(config)
     semantic_model = parts.get("semantic") or AutoModel.from_config(hf_config(config.semantic))
     lm_model = parts.get("lm")
     if lm_model is None:
@@ -109,6 +109,27 @@ def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: 
         lm_class = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
         lm_model = lm_class.from_config(lm_config)
     return assemble(config, sam_model, semantic_model, lm_model, loaded_tokenizer)
+
+
+def new_sam(config: PixelLLMConfig) -> SamModel:
+    """A randomly initialized SAM that can be trained from scratch.
+
+    transformers initializes a fresh ``SamModel`` only to be overwritten by a checkpoint: its vision
+    tower's weights start at std 1e-10 (a dead branch) and its Fourier matrix at std hidden/2 (which
+    turns coordinates into noise). This gives them the original SAM's initialization instead: ViT
+    weights truncated-normal with std 0.02, the Fourier matrix standard normal.
+    """
+    sam = SamModel(hf_config(config.sam))
+    with torch.no_grad():
+        for module in sam.vision_encoder.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                torch.nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
+        gaussian = torch.randn_like(sam.shared_image_embedding.positional_embedding)
+        sam.shared_image_embedding.positional_embedding.copy_(gaussian)
+        sam.prompt_encoder.shared_embedding.positional_embedding.copy_(gaussian)
+    return sam
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from transformers import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
 from pixelllm.config import ExtractorConfig
+from pixelllm.model.two_way import two_way
 
 
 class PromptFeatureExtractor(nn.Module):
@@ -21,6 +22,7 @@ class PromptFeatureExtractor(nn.Module):
     def __init__(self, config: ExtractorConfig, feature_dim: int, prompt_dim: int, lm_dim: int):
         super().__init__()
         width = config.width
+        self.config = config
         self.num_tokens = config.num_tokens
         self.output_tokens = nn.Parameter(torch.randn(config.num_tokens, width))
         self.image_projection = nn.Linear(feature_dim, width)
@@ -50,6 +52,8 @@ class PromptFeatureExtractor(nn.Module):
         prompt_tokens: torch.Tensor,
         dense_prompt: torch.Tensor,
         positional_encoding: torch.Tensor,
+        boxes: torch.Tensor,
+        canvas_size: int,
     ) -> torch.Tensor:
         """Extract the visual tokens of each prompt.
 
@@ -59,23 +63,47 @@ class PromptFeatureExtractor(nn.Module):
             prompt_tokens: ``(N, P, C_prompt)`` sparse prompt embeddings.
             dense_prompt: ``(C_prompt, G, G)`` dense prompt (SAM's no-mask embedding).
             positional_encoding: ``(C_prompt, G, G)`` Fourier encoding of the grid.
+            boxes: ``(N, 4)`` the prompts' boxes in canvas pixels (a point: a zero-size box);
+                canvas_size: ``S``. Used by ``box_attention`` only.
 
         Returns:
             ``(N, num_tokens, lm_dim)``.
         """
-        n = image_index.shape[0]
+        n, grid = image_index.shape[0], features.shape[-1]
         image = self.image_projection(features.permute(0, 2, 3, 1))  # (B, G, G, W)
         image = image + self.prompt_projection(dense_prompt.permute(1, 2, 0))
-        position = self.position_projection(positional_encoding.permute(1, 2, 0))
+        keys = image[image_index].flatten(1, 2)  # (N, G*G, W)
+        position = self.position_projection(positional_encoding.permute(1, 2, 0)).flatten(0, 1)
         queries = torch.cat(
             [self.output_tokens.expand(n, -1, -1), self.prompt_projection(prompt_tokens)], dim=1
         )
-        keys = image[image_index].permute(0, 3, 1, 2)  # (N, W, G, G)
-        position = position.permute(2, 0, 1)[None].expand(n, -1, -1, -1)
-        tokens, _ = self.transformer(
-            point_embeddings=queries[:, None], image_embeddings=keys,
-            image_positional_embeddings=position, attention_similarity=None,
-        )
-        tokens = tokens[:, 0, : self.num_tokens]  # (N, T, W)
+        bias = self._box_bias(boxes, grid, canvas_size, queries.shape[1]) if self.config.box_attention else None
+        tokens, _ = two_way(self.transformer, queries, keys, queries, position.expand(n, -1, -1), bias)
+        tokens = tokens[:, : self.num_tokens]  # (N, T, W)
         tokens = torch.einsum("ntw,twd->ntd", tokens, self.token_weight) + self.token_bias
         return self.norm(self.lm_projection(tokens))
+
+    def _box_bias(self, boxes: torch.Tensor, grid: int, canvas_size: int, num_queries: int) -> torch.Tensor:
+        """Attention bias ``(N, 1, T + P, G*G)``: 0 where a token may look, -inf elsewhere.
+
+        A token sees the grid cells that overlap its region: the prompt box, or with ``token_grid``
+        g, output token ``k`` the cell ``(k // g, k % g)`` (row, column) of a g x g grid over the box.
+        Every region overlaps at least one cell, so no token is left blind.
+        """
+        regions = boxes[:, None].expand(-1, num_queries, -1).clone()  # (N, T + P, 4)
+        g = self.config.token_grid
+        if g:
+            k = torch.arange(g * g, device=boxes.device)
+            row, col = (k // g).to(boxes.dtype), (k % g).to(boxes.dtype)
+            x0, y0, x1, y1 = boxes[:, None].unbind(-1)
+            w, h = (x1 - x0) / g, (y1 - y0) / g
+            cells = [x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h]
+            regions[:, : g * g] = torch.stack(cells, -1)
+        cell = canvas_size / grid
+        centers = (torch.arange(grid, device=boxes.device, dtype=boxes.dtype) + 0.5) * cell
+        half = cell / 2
+        over_x = (centers + half > regions[..., 0:1]) & (centers - half < regions[..., 2:3])  # (N, T+P, G)
+        over_y = (centers + half > regions[..., 1:2]) & (centers - half < regions[..., 3:4])
+        visible = (over_y[..., :, None] & over_x[..., None, :]).flatten(-2)  # (N, T+P, G*G)
+        bias = torch.zeros(visible.shape, dtype=boxes.dtype, device=boxes.device)
+        return bias.masked_fill(~visible, float("-inf"))[:, None]

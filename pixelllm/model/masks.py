@@ -16,6 +16,7 @@ from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
 from pixelllm.config import MaskHeadConfig
 from pixelllm.model.prompt import PromptEncoder
+from pixelllm.model.two_way import two_way
 
 FOCAL_WEIGHT, DICE_WEIGHT, IOU_WEIGHT = 20.0, 1.0, 1.0  # SAM's mask loss, as the official refseg stage
 
@@ -52,17 +53,10 @@ class MaskAdapter(nn.Module):
         key_valid = torch.cat([text_mask.new_ones(visual.shape[:2]), text_mask], dim=1)
         # Additive bias that hides padded text from the tokens (heads broadcast).
         bias = torch.zeros(key_valid.shape, dtype=keys.dtype, device=keys.device)
-        bias = bias.masked_fill(~key_valid, float("-inf"))[:, None, None]
-        tokens = self.tokens.expand(n, -1, -1)[:, None]  # the queries start as, and are encoded by, the tokens
-        queries, keys = tokens, keys[:, None]
+        bias = bias.masked_fill(~key_valid, float("-inf"))[:, None, None]  # (N, heads, tokens, keys)
+        tokens = self.tokens.expand(n, -1, -1)  # the queries start as, and are encoded by, the tokens
         no_position = torch.zeros_like(keys)  # the official adapter gives its keys no positional encoding
-        # SamTwoWayTransformer's blocks, run here so that the final attention sees the padding bias too.
-        for layer in self.transformer.layers:
-            queries, keys, _ = layer(queries=queries, keys=keys, query_point_embedding=tokens,
-                                     key_point_embedding=no_position, attention_similarity=bias)
-        final, _ = self.transformer.final_attn_token_to_image(
-            query=queries + tokens, key=keys, value=keys, attention_similarity=bias)
-        out = self.transformer.layer_norm_final_attn(queries + final)[:, 0]
+        out, _ = two_way(self.transformer, tokens, keys, tokens, no_position, bias)
         return box_tokens + torch.tanh(self.gate) * out
 
 

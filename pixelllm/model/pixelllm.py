@@ -104,9 +104,11 @@ class PixelLLM(nn.Module):
             boxes: ``(N, 4)`` canvas pixels (a point prompt uses ``boxes[:, :2]``). is_point: ``(N,)``.
         """
         grid = images.features.shape[-1]
+        point_boxes = torch.where(is_point[:, None], boxes[:, :2].repeat(1, 2), boxes)
         return self.extractor(
             images.features, image_index, self.prompt_encoder(boxes, is_point),
             self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
+            point_boxes, self.config.image_size,
         )
 
     def token_boxes(self, hidden: torch.Tensor, valid_size: torch.Tensor) -> torch.Tensor:
