@@ -35,6 +35,12 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
 from pixelllm.config import PixelLLMConfig, atomic_write_text, preset
@@ -333,15 +339,24 @@ _FSDP_LAYERS = {"T5Block", "LlamaDecoderLayer", "Qwen2DecoderLayer", "SamVisionL
 # Checkpoints: model as save_pretrained, trainer state as safetensors + JSON (no pickle)
 
 
-def save_training_checkpoint(directory: Path, model: PixelLLM, optimizer, step: int, extra: dict) -> None:
-    """Write ``directory`` atomically: build it beside, then swap it in."""
+def save_training_checkpoint(directory: Path, model: PixelLLM, optimizer, step: int, extra: dict,
+                             runtime: Runtime) -> None:
+    """Write ``directory`` atomically (built beside, then swapped in). Every process must call it:
+    under FSDP the full model and optimizer states are gathered to the main process, which writes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options) if is_sharded(model) else None
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not runtime.main:
+        return
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tensors, groups = _optimizer_tensors(optimizer)
+    model.save_pretrained(tmp, state_dict=model_state)
+    tensors = {f"state/{name}/{key}": value.detach().cpu().contiguous()
+               for name, values in optimizer_state["state"].items() for key, value in values.items()}
     tensors["torch_rng"] = torch.get_rng_state()
     save_file(tensors, str(tmp / STATE_TENSORS))
-    atomic_write_text(tmp / STATE_JSON, json.dumps({"step": step, "param_groups": groups, **extra}, indent=2))
+    state = {"step": step, "param_groups": optimizer_state["param_groups"], **extra}
+    atomic_write_text(tmp / STATE_JSON, json.dumps(state, indent=2))
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
@@ -350,25 +365,25 @@ def save_training_checkpoint(directory: Path, model: PixelLLM, optimizer, step: 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(directory: Path, optimizer) -> dict:
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer) -> dict:
+    """Restore the optimizer (its full state, read by every process) and the RNG of a checkpoint."""
     state = json.loads((directory / STATE_JSON).read_text())
     tensors = load_file(str(directory / STATE_TENSORS))
-    per_param: dict[int, dict] = {}
+    per_param: dict[str, dict] = {}
     for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
+        if key.startswith("state/"):
+            name, field_name = key[len("state/"):].rsplit("/", 1)
+            per_param.setdefault(name, {})[field_name] = value
     groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(tensors["torch_rng"])
     return state
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    state = optimizer.state_dict()
-    tensors = {f"state.{index}.{name}": value.detach().cpu().contiguous()
-               for index, values in state["state"].items() for name, value in values.items()}
-    return tensors, state["param_groups"]
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model sharded by FSDP (its parameters are DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,13 +404,13 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     if resume and not (checkpoint / STATE_JSON).is_file():
         raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
     tokenizer, sources, model = _setup(config, out, runtime, checkpoint if resume else None)
+    model.to(runtime.device).train()
+    wrapped = wrap_model(model, config, runtime)  # FSDP shards the model in place: before the optimizer
     optimizer = make_optimizer(model, config.optim)
     start, best = 0, -math.inf
     if resume:
-        state = load_training_state(checkpoint, optimizer)
+        state = load_training_state(checkpoint, model, optimizer)
         start, best = state["step"], state.get("best", -math.inf)
-    model.to(runtime.device).train()
-    wrapped = wrap_model(model, config, runtime)
     batches = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in config.datasets], config.batch_size,
                              config.accumulation, runtime, config.seed, start, config.steps)
     loader = torch.utils.data.DataLoader(
@@ -423,12 +438,12 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
             scores = evaluate_during_training(model, config, runtime, step + 1)
             logger.log({"step": step + 1, **scores}, progress=False)
             score = scores.get(config.eval.metric) if config.eval.metric else None
-            if runtime.main and score is not None and score > best:
+            if score is not None and score > best:  # the same decision on every process
                 best = score
-                save_training_checkpoint(out / "best", model, optimizer, step + 1, {"best": best})
+                save_training_checkpoint(out / "best", model, optimizer, step + 1, {"best": best}, runtime)
             model.train()
-        if runtime.main and ((step + 1) % config.save_every == 0 or done):
-            save_training_checkpoint(checkpoint, model, optimizer, step + 1, {"best": best})
+        if (step + 1) % config.save_every == 0 or done:
+            save_training_checkpoint(checkpoint, model, optimizer, step + 1, {"best": best}, runtime)
     logger.close()
     if runtime.world > 1:
         dist.barrier()
@@ -473,7 +488,7 @@ def _accumulate(wrapped, micro_batches, config: TrainConfig, runtime: Runtime, b
         sync = micro == config.accumulation - 1 or not hasattr(wrapped, "no_sync")
         with (nullcontext() if sync else wrapped.no_sync()), \
                 torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=bf16):
-            output = wrapped(batch)
+            output = wrapped(batch, all_heads=config.strategy == "fsdp")
             (output.loss / config.accumulation).backward()
         terms = {"loss": output.loss, **output.losses}
         for i, name in enumerate(names):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from pixelllm.config import CONFIG_NAME, PixelLLMConfig
@@ -137,8 +137,12 @@ class PixelLLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Training
 
-    def forward(self, batch: dict) -> PixelLLMOutput:
-        """Losses of a collated batch (keys as in ``docs/architecture.md``, "The batch contract")."""
+    def forward(self, batch: dict, all_heads: bool = False) -> PixelLLMOutput:
+        """Losses of a collated batch (keys as in ``docs/architecture.md``, "The batch contract").
+
+        ``all_heads``: run the mask and proposal heads even when the batch has no target for them
+        (with zero weight), so that every parameter takes part in every step, as FSDP requires.
+        """
         images = self.encode_images(batch["pixel_values"], batch["pixel_mask"])
         index = batch["prompt_image_index"]
         visual = self.visual_tokens(images, index, batch["prompt_boxes"], batch["prompt_is_point"])
@@ -152,22 +156,32 @@ class PixelLLM(nn.Module):
                                     batch["location_weight"]),
         }
         loss = losses["text"] + self.config.location_loss_weight * losses["location"]
-        if "gt_masks" in batch and bool((batch["mask_weight"] > 0).any()):
-            losses.update(self._mask_losses(batch, images, visual, hidden, token_boxes))
-            loss = loss + FOCAL_WEIGHT * losses["mask_focal"] + DICE_WEIGHT * losses["mask_dice"] \
-                + IOU_WEIGHT * losses["mask_iou"]
-        if "gt_boxes" in batch and bool((batch["detection_weight"] > 0).any()):
+        has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
+        if has_masks or all_heads:
+            terms = self._mask_losses(batch, images, visual, hidden, token_boxes)
+            loss = loss + FOCAL_WEIGHT * terms["mask_focal"] + DICE_WEIGHT * terms["mask_dice"] \
+                + IOU_WEIGHT * terms["mask_iou"]
+            losses.update(terms if has_masks else {})
+        has_boxes = "gt_boxes" in batch and bool((batch["detection_weight"] > 0).any())
+        if has_boxes or all_heads:
             outputs = self.proposal_head(images.features)
-            detection = self.proposal_head.loss(outputs, batch["gt_boxes"], batch["gt_boxes_mask"],
-                                                batch["detection_weight"])
-            losses.update({f"detection_{name}": value for name, value in detection.items()})
+            b = images.features.shape[0]
+            gt = (batch["gt_boxes"], batch["gt_boxes_mask"], batch["detection_weight"]) if has_boxes else (
+                images.features.new_zeros(b, 1, 4), torch.zeros(b, 1, dtype=torch.bool, device=self.device),
+                images.features.new_zeros(b))
+            detection = self.proposal_head.loss(outputs, *gt)
             loss = loss + HEATMAP_LOSS_WEIGHT * detection["heatmap"] + BOX_LOSS_WEIGHT * detection["box"]
+            losses.update({f"detection_{name}": value for name, value in detection.items()} if has_boxes else {})
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
         """The mask loss of the prompts that have a mask target, prompted with the box at the last
-        word of the teacher-forced expression: predicted (the official code) or the target's."""
-        rows = (batch["mask_weight"] > 0).nonzero()[:, 0]
+        word of the teacher-forced expression: predicted (the official code) or the target's.
+        Without any mask target, one prompt passes with zero weight (for ``all_heads``)."""
+        weight = batch.get("mask_weight", torch.zeros(len(batch["labels"]), device=self.device))
+        rows = (weight > 0).nonzero()[:, 0]
+        if len(rows) == 0:
+            rows = rows.new_zeros(1)
         labels = batch["labels"][rows]
         last_word = (labels >= 0).sum(1) - 2  # the token just before EOS
         if self.config.mask_prompt_box == "target":
@@ -179,7 +193,8 @@ class PixelLLM(nn.Module):
         logits, iou = self.mask_logits(images, batch["prompt_image_index"][rows], boxes, visual[rows],
                                        hidden[rows, 1:], text_mask)
         valid = batch["pixel_mask"][batch["prompt_image_index"][rows]]
-        terms = mask_loss(logits, iou, batch["gt_masks"][rows], valid, batch["mask_weight"][rows])
+        targets = batch["gt_masks"][rows] if "gt_masks" in batch else torch.zeros_like(valid)
+        terms = mask_loss(logits, iou, targets, valid, weight[rows])
         return {f"mask_{name}": value for name, value in terms.items()}
 
     # ------------------------------------------------------------------------------------------
@@ -189,18 +204,35 @@ class PixelLLM(nn.Module):
         """Count parameters: all (``None``), only trainable (``True``) or only frozen (``False``)."""
         return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer files; each file atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer files; each file atomically.
+
+        ``state_dict``: the weights to write instead of this module's own (a sharded model's,
+        gathered to one process).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-            save_model(self, os.path.join(tmp, WEIGHTS_NAME))
+            if state_dict is None:
+                save_model(self, os.path.join(tmp, WEIGHTS_NAME))
+            else:
+                tied = self._tied_names()
+                weights = {k: v.contiguous() for k, v in state_dict.items() if k not in tied}
+                save_file(weights, os.path.join(tmp, WEIGHTS_NAME))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             self.config.save(tmp)
             for name in sorted(os.listdir(tmp), key=lambda n: n == CONFIG_NAME):  # config last
                 os.replace(os.path.join(tmp, name), directory / name)
         return directory
+
+    def _tied_names(self) -> set[str]:
+        """Names of tensors that share storage with an earlier one (tied embeddings): a checkpoint
+        holds each shared tensor once, as ``safetensors.torch.save_model`` writes it."""
+        seen, tied = set(), set()
+        for name, parameter in self.named_parameters(remove_duplicate=False):
+            (tied.add(name) if id(parameter) in seen else seen.add(id(parameter)))
+        return tied
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> PixelLLM:
