@@ -266,6 +266,12 @@ def _clip(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, m
     ).to_diff_dict()
 
 
+def _small_vit(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, mlp: int) -> dict[str, Any]:
+    """The in-repo conv-stem ViT (``pixelllm.model.small_vit``); its other fields take their defaults."""
+    return {"model_type": "pixelllm_small_vit", "image_size": image_size, "patch_size": patch, "hidden_size": hidden,
+            "num_hidden_layers": depth, "num_attention_heads": heads, "intermediate_size": mlp}
+
+
 def _t5(*, vocab: int, d_model: int, d_ff: int, layers: int, heads: int, d_kv: int, tied: bool = False,
         pad: int = 0, eos: int = 1) -> dict[str, Any]:
     from transformers import T5Config
@@ -283,7 +289,7 @@ def _tiny() -> PixelLLMConfig:
         image_size=size,
         sam=_sam(size, hidden=64, depth=2, heads=2, patch=8, window=5, global_attn=[1],
                  out_channels=64, decoder_layers=2, decoder_heads=4, decoder_mlp=256),
-        semantic=_clip(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
+        semantic=_small_vit(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
         lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True),
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128,
                                   box_attention=True, token_grid=4),

@@ -70,6 +70,7 @@ class DatasetConfig:
     max_prompts: int | None = None
     augment: dict[str, Any] | None = None  # {"scale_range": [lo, hi], "flip_prob": p}; default: the task's
     refer_text_loss: bool = False
+    start: int = 0  # the step from which this dataset joins the mixture (a curriculum)
 
 
 @dataclass
@@ -147,6 +148,8 @@ class TrainConfig:
         config = _from_dict(cls, data or {}, "config")
         if not config.datasets:
             raise ConfigError(f"{path}: 'datasets' must list at least one dataset")
+        if not any(d.start == 0 for d in config.datasets):
+            raise ConfigError(f"{path}: at least one dataset must start at step 0")
         if config.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"{path}: strategy must be ddp or fsdp, got {config.strategy!r}")
         return config
@@ -230,13 +233,14 @@ class MixtureBatches(torch.utils.data.Sampler):
     """For each step from ``start``: this process's micro-batches, as lists of addresses.
 
     Global micro-batch ``g`` of step ``s`` (``g = micro * world + rank``) is drawn with the RNG
-    seeded ``(seed, s, g)``: datasets by weight, samples uniformly (with replacement).
+    seeded ``(seed, s, g)``: datasets by weight (those whose ``starts`` step has come), samples
+    uniformly (with replacement).
     """
 
-    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, accumulation: int,
-                 runtime: Runtime, seed: int, start: int, steps: int):
+    def __init__(self, sizes: list[int], weights: list[float], starts: list[int], batch_size: int,
+                 accumulation: int, runtime: Runtime, seed: int, start: int, steps: int):
         self.sizes = sizes
-        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.weights, self.starts = np.asarray(weights, dtype=np.float64), np.asarray(starts)
         self.batch_size, self.accumulation = batch_size, accumulation
         self.rank, self.world, self.seed, self.start, self.steps = runtime.rank, runtime.world, seed, start, steps
 
@@ -248,7 +252,8 @@ class MixtureBatches(torch.utils.data.Sampler):
             for micro in range(self.accumulation):
                 g = micro * self.world + self.rank
                 rng = np.random.default_rng((self.seed, step, g))
-                datasets = rng.choice(len(self.sizes), size=self.batch_size, p=self.p)
+                weights = self.weights * (self.starts <= step)
+                datasets = rng.choice(len(self.sizes), size=self.batch_size, p=weights / weights.sum())
                 yield [(int(d), int(rng.integers(self.sizes[d])), (self.seed, step, g, slot))
                        for slot, d in enumerate(datasets)]
 
@@ -375,8 +380,9 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer) -> d
             name, field_name = key[len("state/"):].rsplit("/", 1)
             per_param.setdefault(name, {})[field_name] = value
     groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
+    # strict=False: parameters that never received a gradient (SAM's unused mask-prompt encoder) have no state
     set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     torch.set_rng_state(tensors["torch_rng"])
     return state
 
@@ -411,8 +417,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     if resume:
         state = load_training_state(checkpoint, model, optimizer)
         start, best = state["step"], state.get("best", -math.inf)
-    batches = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in config.datasets], config.batch_size,
-                             config.accumulation, runtime, config.seed, start, config.steps)
+    batches = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in config.datasets],
+                             [d.start for d in config.datasets], config.batch_size, config.accumulation, runtime,
+                             config.seed, start, config.steps)
     loader = torch.utils.data.DataLoader(
         MixtureDataset(sources), batch_sampler=batches, num_workers=config.num_workers,
         collate_fn=lambda examples: collate(examples, tokenizer.pad_token_id),

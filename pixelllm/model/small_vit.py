@@ -19,7 +19,8 @@ class SmallViTConfig(PretrainedConfig):
     model_type = "pixelllm_small_vit"
 
     def __init__(self, image_size: int = 160, patch_size: int = 8, hidden_size: int = 128, num_hidden_layers: int = 3,
-                 num_attention_heads: int = 4, intermediate_size: int = 256, stem_channels: int = 32, **kwargs):
+                 num_attention_heads: int = 4, intermediate_size: int = 256, stem_channels: int = 32,
+                 stem_depth: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.image_size = image_size
         self.patch_size = patch_size  # the stem's total stride: a power of 2
@@ -28,11 +29,13 @@ class SmallViTConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
         self.stem_channels = stem_channels
+        self.stem_depth = stem_depth  # 3x3 convolutions per stride-2 stage (the first one strided)
 
 
 class SmallViTModel(PreTrainedModel):
-    """Conv stem (3x3 stride-2 convolutions + BatchNorm-free GroupNorm + GELU) -> learned absolute
-    positions -> pre-norm transformer encoder -> LayerNorm. ``last_hidden_state``: ``(B, G*G, C)``."""
+    """Conv stem (stages of 3x3 convolutions, the first of each stride 2, with GroupNorm + GELU) ->
+    learned absolute positions -> pre-norm transformer encoder -> LayerNorm.
+    ``last_hidden_state``: ``(B, G*G, C)``."""
 
     config_class = SmallViTConfig
     main_input_name = "pixel_values"
@@ -45,10 +48,11 @@ class SmallViTModel(PreTrainedModel):
             raise ValueError(f"patch_size must be a power of 2, got {config.patch_size}")
         for i in range(stages):
             out = config.hidden_size if i == stages - 1 else config.stem_channels * 2**i
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1)]
-            if i < stages - 1:
-                layers += [nn.GroupNorm(1, out), nn.GELU()]
-            channels = out
+            for j in range(config.stem_depth):
+                layers += [nn.Conv2d(channels, out, 3, stride=2 if j == 0 else 1, padding=1)]
+                last = i == stages - 1 and j == config.stem_depth - 1
+                layers += [] if last else [nn.GroupNorm(1, out), nn.GELU()]
+                channels = out
         self.stem = nn.Sequential(*layers)
         grid = config.image_size // config.patch_size
         self.position = nn.Parameter(torch.zeros(1, grid * grid, config.hidden_size))
