@@ -10,7 +10,7 @@ sequence at every step), then one teacher-forced pass over the result reads the 
 modes produce the same tokens and boxes.
 
 Search rules follow the official decoder: greedy never repeats the previous token (after GRiT)
-and its score is the mean log-probability; beam search keeps ``2 x beams`` candidates per step,
+and its score is the mean log-probability; beam search keeps ``k x beams`` candidates per step,
 scores finished sequences by ``log p / ((5 + length) / 6) ** alpha`` and stops once no live beam
 can beat the finished ones.
 """
@@ -79,7 +79,7 @@ class _UncachedStepper:
 @torch.no_grad()
 def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, prompt_boxes: torch.Tensor,
              prompt_is_point: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-             num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6,
+             num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6, candidates_per_beam: int = 2,
              block_repeats: bool = True, use_cache: bool = True, with_boxes: bool = True) -> GenerationOutput:
     """Decode a caption and its per-token boxes for each of ``N`` prompts.
 
@@ -89,6 +89,8 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         input_ids, attention_mask: ``(N, Lp)`` text prompts.
         num_beams: 1 for greedy. max_new_tokens: at most this many tokens, EOS included.
         length_penalty: the brevity penalty's alpha (beam search only).
+        candidates_per_beam: candidates kept per beam and step (the official ``per_node_beam_size``:
+            2 for captions, 1 for referring expressions).
         block_repeats: greedy never picks the token it just picked (the official rule).
         use_cache: False runs the official uncached algorithm (same results, far slower).
         with_boxes: False skips the localization head (captions only; ``boxes`` are zeros).
@@ -107,13 +109,14 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
     search_locate = locate if use_cache and with_boxes else None
     eos = model.language.eos_token_id
     if num_beams > 1:
-        out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty)
+        out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty,
+                           candidates_per_beam)
     else:
         out = _greedy(stepper, search_locate, n, max_new_tokens, eos, block_repeats)
     if not with_boxes:
         out.boxes = [torch.zeros(len(s), 4) for s in out.sequences]
     elif not use_cache:
-        out.boxes = _teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, valid_size)
+        out.boxes = teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, valid_size)
     return out
 
 
@@ -151,7 +154,7 @@ def _greedy(stepper, locate, n: int, max_new_tokens: int, eos: int, block_repeat
 
 
 def _beam_search(stepper, locate, n: int, beams: int, max_new_tokens: int, eos: int,
-                 alpha: float) -> GenerationOutput:
+                 alpha: float, candidates_per_beam: int = 2) -> GenerationOutput:
     hidden, logits = stepper.first
     device = logits.device
     vocab = logits.shape[-1]
@@ -164,7 +167,7 @@ def _beam_search(stepper, locate, n: int, beams: int, max_new_tokens: int, eos: 
     min_penalty = _brevity_penalty(alpha, max_new_tokens)
     for step in range(max_new_tokens):
         candidates = torch.log_softmax(logits.float(), dim=-1).view(n, beams, vocab) + live_scores[..., None]
-        top_scores, top_index = candidates.view(n, beams * vocab).topk(2 * beams, dim=1)
+        top_scores, top_index = candidates.view(n, beams * vocab).topk(candidates_per_beam * beams, dim=1)
         origin, tokens = top_index // vocab, top_index % vocab
         is_eos = tokens == eos
         penalty = _brevity_penalty(alpha, step + 1)
@@ -203,7 +206,7 @@ def _brevity_penalty(alpha: float, length: int) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:
+def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:
     """Read every token's box with one teacher-forced pass (the official way, after decoding)."""
     length = max(len(s) for s in sequences) + 1
     labels = torch.full((len(sequences), length), -100, dtype=torch.long, device=visual.device)

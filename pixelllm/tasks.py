@@ -31,13 +31,13 @@ from pixelllm.data.images import load_image
 from pixelllm.data.transforms import CanvasTransform, prepare_image
 from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
-from pixelllm.generation import GenerationOutput, _teacher_forced_boxes, generate
+from pixelllm.generation import GenerationOutput, teacher_forced_boxes, generate
 from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt
 
 CAPTION_DECODING = {"num_beams": 4, "length_penalty": 0.6}
-REFER_DECODING = {"num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 40}
+REFER_DECODING = {"num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 40, "candidates_per_beam": 1}
 REGION_DECODING = {"num_beams": 1, "max_new_tokens": 40}
 
 
@@ -155,7 +155,7 @@ class Predictor:
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
         visual = self.model.visual_tokens(features, index, boxes, is_point)
-        canvas = _teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids,
+        canvas = teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids,
                                        features.valid_size[index])
         return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
                 if len(c) else np.zeros((0, 4)) for e, c in zip(encoded, canvas, strict=True)]
