@@ -31,7 +31,7 @@ from pixelllm.data.images import load_image
 from pixelllm.data.transforms import CanvasTransform, prepare_image
 from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
-from pixelllm.generation import GenerationOutput, teacher_forced_boxes, generate
+from pixelllm.generation import GenerationOutput, generate, teacher_forced_boxes
 from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt

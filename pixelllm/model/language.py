@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from pixelllm.errors import ConfigError
+from pixelllm.model.frozen import KeepsFrozenInEval
 
 DEFAULT_LORA_TARGETS = {"encoder-decoder": ["q", "v"], "decoder-only": ["q_proj", "v_proj"]}
 
@@ -55,7 +56,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None, targets: list[s
     return model
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(KeepsFrozenInEval):
     """Common part: holds the transformers model, applies LoRA, keeps a frozen LM in eval mode."""
 
     family: str
@@ -63,21 +64,15 @@ class LanguageModel(nn.Module):
     def __init__(self, model: PreTrainedModel, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: list[str] | None = None):
         super().__init__()
-        self.frozen = lora_rank > 0
-        if self.frozen:
+        if lora_rank > 0:  # the LM is frozen but for its LoRA weights (which have no dropout either)
             model = apply_lora(model, lora_rank, lora_alpha, lora_targets or DEFAULT_LORA_TARGETS[self.family])
+            self.frozen = ("model",)
         self.model = model
         config = model.config
         self.hidden_size = config.get_text_config().hidden_size
         self.vocab_size = config.get_text_config().vocab_size
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.eos_token_id = config.eos_token_id
-
-    def train(self, mode: bool = True) -> LanguageModel:
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()  # frozen weights: no dropout; LoRA has none either
-        return self
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)

@@ -15,6 +15,7 @@ from transformers import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
 from pixelllm.config import MaskHeadConfig
+from pixelllm.model.frozen import KeepsFrozenInEval
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.two_way import two_way
 
@@ -60,22 +61,16 @@ class MaskAdapter(nn.Module):
         return box_tokens + torch.tanh(self.gate) * out
 
 
-class MaskHead(nn.Module):
+class MaskHead(KeepsFrozenInEval):
     """SAM mask decoder (``transformers``' ``SamMaskDecoder``) + ``MaskAdapter``: one mask per prompt."""
 
     def __init__(self, sam_mask_decoder: nn.Module, adapter: MaskAdapter, frozen: bool = True):
         super().__init__()
         self.decoder = sam_mask_decoder
         self.adapter = adapter
-        self.frozen = frozen
         if frozen:
             self.decoder.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> MaskHead:
-        super().train(mode)
-        if self.frozen:
-            self.decoder.eval()
-        return self
+            self.frozen = ("decoder",)
 
     def forward(self, prompt_encoder: PromptEncoder, sam_embeddings: torch.Tensor, boxes: torch.Tensor,
                 visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):

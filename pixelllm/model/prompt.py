@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pixelllm.model.frozen import KeepsFrozenInEval
+
 NUM_PROMPT_TOKENS = 5  # a box's 2 corner tokens (or a point and SAM's "not a point"), then 3 no-mask pads
 
 
-class PromptEncoder(nn.Module):
+class PromptEncoder(KeepsFrozenInEval):
     """Wraps ``transformers``' ``SamPromptEncoder`` (frozen in the paper).
 
     SAM's Fourier encoding maps canvas pixel ``c`` to ``[sin, cos](2*pi*(2*(c + 0.5)/S - 1) @ G)``
@@ -19,16 +21,10 @@ class PromptEncoder(nn.Module):
     def __init__(self, sam_prompt_encoder: nn.Module, frozen: bool = True):
         super().__init__()
         self.sam = sam_prompt_encoder
-        self.frozen = frozen
         self.dim = sam_prompt_encoder.hidden_size
         if frozen:
             self.sam.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> PromptEncoder:
-        super().train(mode)
-        if self.frozen:
-            self.sam.eval()
-        return self
+            self.frozen = ("sam",)
 
     def forward(self, boxes: torch.Tensor, is_point: torch.Tensor) -> torch.Tensor:
         """Sparse prompt tokens.

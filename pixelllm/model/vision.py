@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pixelllm.model.frozen import KeepsFrozenInEval
+
 # SAM normalizes with ImageNet statistics, CLIP with its own, SigLIP to [-1, 1].
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -21,7 +23,7 @@ def normalize(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -
     return (pixel_values - mean) / std * pixel_mask[:, None].to(pixel_values.dtype)
 
 
-class DualImageEncoder(nn.Module):
+class DualImageEncoder(KeepsFrozenInEval):
     """SAM ViT (``transformers`` ``SamVisionEncoder``) || a CLIP or SigLIP vision tower.
 
     The semantic tower's final LayerNorm is applied to every token (SigLIP does so itself; CLIP
@@ -39,6 +41,7 @@ class DualImageEncoder(nn.Module):
         self.freeze_sam = freeze_sam
         if freeze_sam:
             self.sam.requires_grad_(False)
+            self.frozen = ("sam",)
         sam_cfg, sem_cfg = sam_encoder.config, semantic.config
         self.sam_grid = sam_cfg.image_size // sam_cfg.patch_size
         self.semantic_grid = sem_cfg.image_size // sem_cfg.patch_size
@@ -47,12 +50,6 @@ class DualImageEncoder(nn.Module):
         self.out_channels = sam_cfg.output_channels + sem_cfg.hidden_size
         self.semantic_is_clip = sem_cfg.model_type == "clip_vision_model"
         self.semantic_stats = SEMANTIC_STATS[sem_cfg.model_type]
-
-    def train(self, mode: bool = True) -> DualImageEncoder:
-        super().train(mode)
-        if self.freeze_sam:
-            self.sam.eval()  # a frozen tower never runs dropout or stochastic depth
-        return self
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode canvas images.
