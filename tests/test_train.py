@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pixelllm.errors import ConfigError
-from pixelllm.train import TrainConfig, train
+from pixelllm.train import MixtureBatches, Runtime, TrainConfig, train
 
 TASKS = ["trace", "refer", "refseg", "region", "densecap"]
 
@@ -71,14 +72,20 @@ def test_resume_continues_exactly(tmp_path, shapes):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
 
 
-def test_two_processes_match_one_process(tmp_path, shapes):
-    """2 gloo processes x 1 micro-batch = 1 process x 2 accumulated micro-batches, same examples."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, shapes, strategy):
+    """2 gloo processes x 1 micro-batch = 1 process x 2 accumulated micro-batches, same examples;
+    DDP replicates the model, FSDP shards it (and gathers it whole for the checkpoint)."""
     for name in ("1", "2"):
         (tmp_path / name).mkdir()
-    train(TrainConfig.load(_config(tmp_path / "1", shapes, steps=3, accumulation=2)), tmp_path / "one")
-    config = _config(tmp_path / "2", shapes, steps=3, accumulation=1)
+    # the same strategy in one process: FSDP runs every head in every step (zero-weighted where a batch
+    # has no target for it), which changes the weight decay of those heads
+    one = _config(tmp_path / "1", shapes, steps=3, accumulation=2, strategy=strategy)
+    train(TrainConfig.load(one), tmp_path / "one")
+    config = _config(tmp_path / "2", shapes, steps=3, accumulation=1, strategy=strategy)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    port = str(29517 + (strategy == "fsdp"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
                "-m", "pixelllm.train", "--config", str(config), "--out", str(tmp_path / "two")]
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -86,6 +93,20 @@ def test_two_processes_match_one_process(tmp_path, shapes):
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-3)
+    from pixelllm.model import PixelLLM
+
+    single = PixelLLM.from_pretrained(tmp_path / "one" / "last")
+    double = PixelLLM.from_pretrained(tmp_path / "two" / "last")
+    for (name, p), q in zip(single.named_parameters(), double.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_datasets_join_at_their_start_step():
+    runtime = Runtime(0, 1, torch.device("cpu"))
+    batches = MixtureBatches([5, 5], [1.0, 1.0], [0, 3], batch_size=16, accumulation=1, runtime=runtime, seed=0,
+                             start=0, steps=6)
+    used = [{address[0] for address in batch} for batch in batches]
+    assert used[:3] == [{0}, {0}, {0}] and all(u == {0, 1} for u in used[3:])
 
 
 def test_config_errors(tmp_path, shapes):

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default from scratch and measure it, as docs/model_card.md reports:
+#   1. train the tiny preset on the shapes world (the data is generated first),
+#   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task,
+#   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${RUN:-runs/shapes_tiny}
+test_split=${TEST_SPLIT:-runs/shapes_test}
+
+pixelllm train --config configs/shapes_tiny.yaml --out "$run"
+
+if [ ! -f "$test_split/summary.json" ]; then
+  python -c "from pixelllm.data.synthetic import generate; generate('$test_split', 500, seed=1, split='test')"
+fi
+mkdir -p "$run/eval"
+for task in refer refseg regioncap densecap trace; do
+  pixelllm eval --model "$run/last" --task "$task" --data "$test_split" --json \
+    --report "$run/eval/$task.md" | tee "$run/eval/$task.json"
+done
+
+mkdir -p pixelllm/assets/default
+cp "$run"/last/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} pixelllm/assets/default/

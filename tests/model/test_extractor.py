@@ -1,0 +1,80 @@
+"""The prompt feature extractor: box attention sees only the box; the in-repo tower; fresh SAM init."""
+
+import torch
+from helpers import tiny_config
+
+from pixelllm.config import ExtractorConfig, PixelLLMConfig
+from pixelllm.errors import ConfigError
+from pixelllm.model import build_model
+from pixelllm.model.build import new_sam
+
+
+def _extract(model, features, boxes):
+    prompt = model.prompt_encoder
+    grid = features.shape[-1]
+    index = torch.zeros(len(boxes), dtype=torch.long)
+    is_point = torch.zeros(len(boxes), dtype=torch.bool)
+    return model.extractor(features, index, prompt(boxes, is_point), prompt.no_mask_embedding(grid),
+                           prompt.dense_positional_encoding(grid), boxes, model.config.image_size)
+
+
+def test_box_attention_sees_only_the_box():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    size, grid, channels = model.config.image_size, model.vision.grid, model.vision.out_channels
+    cell = size / grid
+    box = torch.tensor([[3 * cell, 4 * cell, 9 * cell, 8 * cell]])  # exactly cells x 3..8, y 4..7
+    features = torch.randn(1, channels, grid, grid)
+    changed = features.clone()
+    outside = torch.ones(grid, grid, dtype=torch.bool)
+    outside[4:8, 3:9] = False
+    changed[0][:, outside] = torch.randn(channels, int(outside.sum()))
+    with torch.no_grad():
+        assert torch.allclose(_extract(model, features, box), _extract(model, changed, box), atol=1e-5)
+        changed[0, :, 5, 5] += 3.0  # inside the box
+        assert not torch.allclose(_extract(model, features, box), _extract(model, changed, box), atol=1e-3)
+
+
+def test_token_grid_gives_each_token_its_cell():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    size, grid = model.config.image_size, model.vision.grid
+    bias = model.extractor._box_bias(torch.tensor([[0.0, 0.0, size, size]]), grid, size, 16 + 5)
+    visible = (bias[0, 0] == 0).view(21, grid, grid)
+    quarter = grid // 4
+    assert visible[0, :quarter, :quarter].all() and visible[0].sum() == quarter * quarter  # token 0: top left
+    assert visible[15, -quarter:, -quarter:].all() and visible[15].sum() == quarter * quarter  # token 15: bottom right
+    assert visible[16:].all()  # the prompt tokens see the whole box
+    # a box smaller than a cell still lets every token see the cell that holds it
+    tiny = model.extractor._box_bias(torch.tensor([[50.0, 50.0, 51.0, 51.0]]), grid, size, 21)
+    assert ((tiny[0, 0] == 0).sum(-1) >= 1).all()
+
+
+def test_token_grid_needs_matching_tokens():
+    data = tiny_config().to_dict()
+    data["extractor"]["num_tokens"] = 8
+    try:
+        PixelLLMConfig.from_dict(data)
+    except ConfigError as error:
+        assert "token_grid 4" in str(error)
+    else:
+        raise AssertionError("a 4 x 4 token grid with 8 tokens was accepted")
+    assert ExtractorConfig().box_attention is False  # the official design: off by default
+
+
+def test_a_fresh_sam_can_learn():
+    """transformers' random SAM init is for loading only (weights ~1e-10, Fourier matrix std ~hidden/2)."""
+    sam = new_sam(tiny_config())
+    assert 0.01 < sam.vision_encoder.layers[0].attn.qkv.weight.std() < 0.04
+    gaussian = sam.prompt_encoder.shared_embedding.positional_embedding
+    assert 0.5 < gaussian.std() < 2.0
+    assert torch.equal(gaussian, sam.shared_image_embedding.positional_embedding)
+
+
+def test_small_vit_round_trips_through_the_auto_classes():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("pixelllm_small_vit", image_size=64, patch_size=8, hidden_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    tower = AutoModel.from_config(config)
+    assert tower(torch.rand(2, 3, 64, 64)).last_hidden_state.shape == (2, 64, 32)
