@@ -35,6 +35,7 @@ from pixelllm.data.sources import EXPECTED, open_source
 from pixelllm.errors import DataError, InputError
 from pixelllm.evaluate.captions import MeteorScorer
 from pixelllm.evaluate.protocols import PROTOCOLS, EvalImage, Protocol
+from pixelllm.evaluate.shapes import SHAPES_METRICS
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.tasks import Predictor
 
@@ -283,7 +284,8 @@ def markdown_report(result: EvalResult, records: list[dict], protocol: Protocol)
     lines = [f"# Evaluation: {result.task}", "", f"- data: `{result.data}`{split}",
              f"- samples scored: {result.num_samples}; skipped: {result.num_skipped}; "
              f"invalid predictions: {result.num_invalid_predictions}", "", "| metric | value |", "| --- | ---: |"]
-    lines += [f"| {name} | {_number(result.metrics[name])} |" for name in protocol.headline]
+    shown = [*protocol.headline, *(name for name in SHAPES_METRICS if name in result.metrics)]
+    lines += [f"| {name} | {_number(result.metrics[name])} |" for name in shown]
     lines += ["", "## Skipped", "", *(f"- {line}" for line in result.summary)]
     score = protocol.score
     ranked = sorted((r for r in records if math.isfinite(r["scores"][score])),

@@ -56,6 +56,10 @@ def _matches(attributes: dict[str, str], phrase: str) -> bool:
     return all(value in said for value in attributes.values())
 
 
+# The shapes-world scores a report shows beside the protocol's own, where the data gives them.
+SHAPES_METRICS = ("color_shape_accuracy", "word_grounding")
+
+
 class ColorShapeAccuracy(Metric):
     """Percent of region captions whose color and shape words equal a reference's."""
 

@@ -179,8 +179,9 @@ def test_per_sample_file_and_report(split, predictor, meteor, tmp_path):
         assert 0.0 <= record["scores"]["meteor"] <= 1.0
     lines = report.read_text().splitlines()
     table = {cells[1].strip(): cells[2] for cells in (line.split("|") for line in lines) if len(cells) == 4}
-    assert set(table) == {"metric", "---", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
-    assert float(table["METEOR"]) == pytest.approx(result.metrics["METEOR"], abs=0.01)
+    assert set(table) == {"metric", "---", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "color_shape_accuracy"}
+    for name in ("METEOR", "color_shape_accuracy"):
+        assert float(table[name]) == pytest.approx(result.metrics[name], abs=0.01)
     worst = lines[lines.index("## Worst samples (lowest meteor)") + 4:]
     assert len(worst) == 5 and all(line.startswith("| ") for line in worst)
     assert [float(line.split("|")[-2]) for line in worst] == sorted(r["scores"]["meteor"] for r in records)[:5]
