@@ -97,12 +97,19 @@ def main() -> None:
                                args.repeats)
     report("5. 8 prompts: 8 full calls vs one encoding (speed-up)", every / once, ">= 3")
 
+    batched, single = side_by_side(lambda: predictor.segment_batch([encoded], [expressions], max_new_tokens=8),
+                                   lambda: [encoded.segment(e, max_new_tokens=8) for e in expressions], args.repeats)
+    report("6. 8 referring masks: one by one vs batched (speed-up)", single / batched, ">= 4")
+
 
 def hf_generate(model, encoded, request, tokens: int):
     """``transformers`` greedy ``generate`` from the same encoder inputs (T5 family only)."""
     from pixelllm.tokenization import encode_prompt
 
-    visual = encoded._visual_tokens(request)
+    box = torch.tensor(np.stack([request[0].box]), dtype=torch.float32)
+    with torch.no_grad():
+        visual = model.visual_tokens(encoded.features, torch.zeros(1, dtype=torch.long), box,
+                                     torch.tensor([request[0].is_point]))
     ids = torch.tensor([encode_prompt(model.tokenizer, request[0].text)])
     embeds, mask = model.language._prefix(visual, ids, torch.ones_like(ids))
     lm = model.language.model

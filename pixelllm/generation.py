@@ -206,12 +206,19 @@ def _brevity_penalty(alpha: float, length: int) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:
-    """Read every token's box with one teacher-forced pass (the official way, after decoding)."""
+def teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences) -> torch.Tensor:
+    """The hidden states ``(N, L, D)`` whose inputs are the tokens of each ``sequences[i]`` (row i
+    holds ``len(sequences[i])`` of them, then padding), from one teacher-forced pass."""
     length = max(len(s) for s in sequences) + 1
     labels = torch.full((len(sequences), length), -100, dtype=torch.long, device=visual.device)
     for i, seq in enumerate(sequences):
         labels[i, : len(seq) + 1] = torch.tensor([*seq, model.language.eos_token_id])
     hidden, _ = model.language(visual, input_ids, attention_mask, labels)
-    boxes = model.location_head(hidden[:, 1:], valid_size)  # position j + 1 locates token j
+    return hidden[:, 1:]  # position j + 1 reads token j
+
+
+def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:
+    """Read every token's box with one teacher-forced pass (the official way, after decoding)."""
+    boxes = model.location_head(teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences),
+                                valid_size)
     return [boxes[i, : len(seq)] for i, seq in enumerate(sequences)]

@@ -31,7 +31,7 @@ from pixelllm.data.images import load_image
 from pixelllm.data.transforms import CanvasTransform, prepare_image
 from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
-from pixelllm.generation import GenerationOutput, generate, teacher_forced_boxes
+from pixelllm.generation import GenerationOutput, generate, teacher_forced_boxes, teacher_forced_hidden
 from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt
@@ -119,9 +119,9 @@ class Predictor:
 
     def segment_batch(self, encoded: list[EncodedImage], expressions, **decoding) -> list[list[Segmentation]]:
         """The box and mask of every expression ``expressions[i][j]`` on ``encoded[i]``; the
-        expressions are decoded in one batch, then each mask is read."""
+        expressions are decoded in one batch, then their masks are read in another."""
         located = self._locate(encoded, expressions, **decoding)
-        return _per_image([x.image._segment(x) for x in located], [len(x) for x in expressions])
+        return _per_image(self._segment(located), [len(x) for x in expressions])
 
     @torch.no_grad()
     def dense_caption_batch(self, encoded: list[EncodedImage], max_regions: int | None = None,
@@ -183,6 +183,25 @@ class Predictor:
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
         return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask, **decoding)
+
+    @torch.no_grad()
+    def _segment(self, located: list[_Located]) -> list[Segmentation]:
+        """The masks of located expressions: the mask decoder prompted with each box, reading the
+        hidden states of the decoded expression (teacher-forced, all in one pass)."""
+        if not located:
+            return []
+        features, index = _stack([x.image for x in located])
+        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([x.request for x in located])
+        visual = self.model.visual_tokens(features, index, boxes, is_point)
+        sequences = [x.sequence or _fallback_ids(self.tokenizer, x.expression) for x in located]
+        hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
+        text_mask = torch.arange(hidden.shape[1], device=self.device) < torch.tensor(
+            [len(s) for s in sequences], device=self.device)[:, None]
+        canvas_boxes = torch.tensor(np.stack([x.image.transform.boxes_to_canvas(x.box) for x in located]),
+                                    dtype=torch.float32, device=self.device)
+        logits, iou = self.model.mask_logits(features, index, canvas_boxes, visual, hidden, text_mask)
+        return [Segmentation(x.expression, x.box, x.image._mask_to_original(logits[row]), x.image.image_size,
+                             float(iou[row])) for row, x in enumerate(located)]
 
     def _prompt_tensors(self, requests: list[_Prompt]):
         """``input_ids``, ``attention_mask`` ``(N, Lp)``, canvas ``boxes (N, 4)``, ``is_point (N,)``."""
@@ -259,41 +278,20 @@ class EncodedImage:
     def _decode(self, requests: list[_Prompt], **decoding) -> GenerationOutput:
         return self.predictor._generate([(self, r) for r in requests], **decoding)
 
-    def _visual_tokens(self, requests: list[_Prompt]) -> torch.Tensor:
-        device = self.predictor.device
-        boxes = torch.tensor(np.stack([r.box for r in requests]), dtype=torch.float32, device=device)
-        is_point = torch.tensor([r.is_point for r in requests], device=device)
-        index = torch.zeros(len(requests), dtype=torch.long, device=device)
-        return self.predictor.model.visual_tokens(self.features, index, boxes, is_point)
-
     def _located_box(self, out: GenerationOutput, row: int, request: _Prompt, expression: str) -> list[float]:
         """The box of a referring expression from row ``row`` of a decode, in original pixels."""
         if out.sequences[row]:
             canvas_box = out.boxes[row][-1]  # the location at the last word: the step before EOS
         else:  # the model stopped at once: read the box at the expression's last word instead
-            model = self.predictor.model
+            predictor = self.predictor
+            input_ids, attention_mask, boxes, is_point = predictor._prompt_tensors([request])
+            index = torch.zeros(1, dtype=torch.long, device=predictor.device)
             with torch.no_grad():
-                visual = self._visual_tokens([request])
-                hidden, _ = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, request.text,
-                                                   _fallback_ids(self.predictor.tokenizer, expression))
-                canvas_box = model.location_head(hidden[:, -1], self.features.valid_size)[0]
+                visual = predictor.model.visual_tokens(self.features, index, boxes, is_point)
+                canvas_box = teacher_forced_boxes(predictor.model, visual, input_ids, attention_mask,
+                                                  [_fallback_ids(predictor.tokenizer, expression)],
+                                                  self.features.valid_size)[0][-1]
         return _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
-
-    def _segment(self, located: _Located) -> Segmentation:
-        """The mask of a located expression."""
-        model = self.predictor.model
-        index = torch.zeros(1, dtype=torch.long, device=self.predictor.device)
-        with torch.no_grad():
-            visual = self._visual_tokens([located.request])
-            sequence = located.sequence or _fallback_ids(self.predictor.tokenizer, located.expression)
-            hidden, ids = _teacher_forced_hidden(model, visual, self.predictor.tokenizer, located.request.text,
-                                                 sequence)
-            canvas_box = torch.tensor(self.transform.boxes_to_canvas(located.box), dtype=torch.float32,
-                                      device=self.predictor.device)[None]
-            logits, iou = model.mask_logits(self.features, index, canvas_box, visual, hidden,
-                                            torch.ones_like(ids, dtype=torch.bool))
-        mask = self._mask_to_original(logits[0])
-        return Segmentation(located.expression, located.box, mask, self.image_size, float(iou[0]))
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:
         ids = out.sequences[row]
@@ -354,16 +352,6 @@ def _per_image(results: list, counts: list[int]) -> list[list]:
         groups.append(results[start : start + count])
         start += count
     return groups
-
-
-def _teacher_forced_hidden(model: PixelLLM, visual: torch.Tensor, tokenizer, prompt: str, sequence: list[int]):
-    """Hidden states ``(1, L, D)`` whose inputs are the tokens of ``sequence``, and the ids ``(1, L)``."""
-    ids = encode_prompt(tokenizer, prompt)
-    device = visual.device
-    labels = torch.tensor([[*sequence, model.language.eos_token_id]], device=device)
-    hidden, _ = model.language(visual, torch.tensor([ids], device=device),
-                               torch.ones(1, len(ids), dtype=torch.long, device=device), labels)
-    return hidden[:, 1:], labels[:, :-1]
 
 
 def _fallback_ids(tokenizer, text: str) -> list[int]:

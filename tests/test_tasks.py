@@ -79,6 +79,18 @@ def test_batched_equals_one_by_one(predictor, real_data):
         assert image.caption(box=box, **DECODE).text == region.text
 
 
+def test_segment_batch_equals_one_by_one(predictor, real_data):
+    encoded = [predictor.encode(real_data / "photos" / name) for name in ("chelsea.png", "rocket.jpg")]
+    expressions = [["the cat", "the left ear"], ["the rocket"]]
+    together = predictor.segment_batch(encoded, expressions, **DECODE)
+    for image, texts, results in zip(encoded, expressions, together, strict=True):
+        for text, batched in zip(texts, results, strict=True):
+            alone = image.segment(text, **DECODE)
+            assert alone.box == pytest.approx(batched.box, abs=1e-2)
+            assert alone.score == pytest.approx(batched.score, abs=1e-4)
+            assert (alone.mask != batched.mask).mean() < 1e-3  # a few threshold pixels at most
+
+
 def test_encode_once_prompt_many(predictor, photo):
     image = predictor.encode(photo)
     features = image.features.features.clone()

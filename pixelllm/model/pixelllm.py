@@ -102,7 +102,20 @@ class PixelLLM(nn.Module):
         Args:
             images: encoded images. image_index: ``(N,)`` image of each prompt.
             boxes: ``(N, 4)`` canvas pixels (a point prompt uses ``boxes[:, :2]``). is_point: ``(N,)``.
+
+        Prompts that repeat (every referring expression of an image has the whole-image box) are
+        extracted once.
         """
+        key = torch.cat([image_index[:, None].to(boxes.dtype), boxes, is_point[:, None].to(boxes.dtype)], dim=1)
+        unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if len(unique) == len(key):
+            return self._extract(images, image_index, boxes, is_point)
+        first = torch.zeros(len(unique), dtype=torch.long, device=key.device).scatter_(
+            0, inverse, torch.arange(len(key), device=key.device))
+        return self._extract(images, image_index[first], boxes[first], is_point[first])[inverse]
+
+    def _extract(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                 is_point: torch.Tensor) -> torch.Tensor:
         grid = images.features.shape[-1]
         point_boxes = torch.where(is_point[:, None], boxes[:, :2].repeat(1, 2), boxes)
         return self.extractor(

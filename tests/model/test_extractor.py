@@ -50,6 +50,23 @@ def test_token_grid_gives_each_token_its_cell():
     assert ((tiny[0, 0] == 0).sum(-1) >= 1).all()
 
 
+def test_repeated_prompts_are_extracted_once_with_the_same_tokens():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    size = model.config.image_size
+    pixels = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        images = model.encode_images(pixels, torch.ones(2, size, size, dtype=torch.bool))
+        boxes = torch.tensor([[0.0, 0, size, size], [10, 10, 50, 60], [0, 0, size, size], [0, 0, size, size]])
+        index = torch.tensor([0, 0, 0, 1])
+        is_point = torch.zeros(4, dtype=torch.bool)
+        together = model.visual_tokens(images, index, boxes, is_point)
+        apart = torch.cat([model.visual_tokens(images, index[i : i + 1], boxes[i : i + 1], is_point[i : i + 1])
+                           for i in range(4)])
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
+    assert torch.equal(together[0], together[2]) and not torch.allclose(together[0], together[3])
+
+
 def test_token_grid_needs_matching_tokens():
     data = tiny_config().to_dict()
     data["extractor"]["num_tokens"] = 8
