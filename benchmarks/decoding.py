@@ -62,7 +62,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = make_predictor(args.preset)
-    model = predictor.model
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
     encoded = predictor.encode(image)
@@ -82,7 +81,7 @@ def main() -> None:
     report("2. with locations vs caption only (time ratio)", with_boxes / text_only, "<= 1.05")
 
     ours, theirs = side_by_side(decode(with_boxes=False, block_repeats=False),
-                                hf_generate(model, encoded, request, tokens), args.repeats)
+                                hf_generate(predictor, encoded, request, tokens), args.repeats)
     report("3. ours vs transformers generate, caption only (time ratio)", ours / theirs, "<= 1.1")
 
     boxes = [[x, y, x + 120, y + 90] for x in range(0, 480, 60) for y in range(0, 360, 90)][:32]
@@ -102,16 +101,12 @@ def main() -> None:
     report("6. 8 referring masks: one by one vs batched (speed-up)", single / batched, ">= 4")
 
 
-def hf_generate(model, encoded, request, tokens: int):
+def hf_generate(predictor: Predictor, encoded, request, tokens: int):
     """``transformers`` greedy ``generate`` from the same encoder inputs (T5 family only)."""
-    from pixelllm.tokenization import encode_prompt
-
-    box = torch.tensor(np.stack([request[0].box]), dtype=torch.float32)
+    model = predictor.model
     with torch.no_grad():
-        visual = model.visual_tokens(encoded.features, torch.zeros(1, dtype=torch.long), box,
-                                     torch.tensor([request[0].is_point]))
-    ids = torch.tensor([encode_prompt(model.tokenizer, request[0].text)])
-    embeds, mask = model.language._prefix(visual, ids, torch.ones_like(ids))
+        _, _, visual, ids, ids_mask = predictor._model_inputs([(encoded, request[0])])
+    embeds, mask = model.language._prefix(visual, ids, ids_mask)
     lm = model.language.model
 
     def run():

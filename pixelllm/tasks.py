@@ -151,10 +151,8 @@ class Predictor:
         caption of ``encoded[i]`` (the trace prompt, teacher-forced): ``(len, 4)`` original pixels."""
         if not encoded:
             return []
-        requests = [(e, e._trace_prompt()) for e in encoded]
-        features, index = _stack([e for e, _ in requests])
-        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
-        visual = self.model.visual_tokens(features, index, boxes, is_point)
+        features, index, visual, input_ids, attention_mask = self._model_inputs(
+            [(e, e._trace_prompt()) for e in encoded])
         canvas = teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids,
                                        features.valid_size[index])
         return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
@@ -190,9 +188,8 @@ class Predictor:
         hidden states of the decoded expression (teacher-forced, all in one pass)."""
         if not located:
             return []
-        features, index = _stack([x.image for x in located])
-        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([x.request for x in located])
-        visual = self.model.visual_tokens(features, index, boxes, is_point)
+        features, index, visual, input_ids, attention_mask = self._model_inputs(
+            [(x.image, x.request) for x in located])
         sequences = [x.sequence or _fallback_ids(self.tokenizer, x.expression) for x in located]
         hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
         text_mask = torch.arange(hidden.shape[1], device=self.device) < torch.tensor(
@@ -202,6 +199,13 @@ class Predictor:
         logits, iou = self.model.mask_logits(features, index, canvas_boxes, visual, hidden, text_mask)
         return [Segmentation(x.expression, x.box, x.image._mask_to_original(logits[row]), x.image.image_size,
                              float(iou[row])) for row, x in enumerate(located)]
+
+    def _model_inputs(self, requests: list[tuple[EncodedImage, _Prompt]]):
+        """For a teacher-forced pass: the requests' images as one feature batch, each request's image
+        index ``(N,)``, visual tokens ``(N, T, D)``, ``input_ids`` and ``attention_mask`` ``(N, Lp)``."""
+        features, index = _stack([e for e, _ in requests])
+        input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
+        return features, index, self.model.visual_tokens(features, index, boxes, is_point), input_ids, attention_mask
 
     def _prompt_tensors(self, requests: list[_Prompt]):
         """``input_ids``, ``attention_mask`` ``(N, Lp)``, canvas ``boxes (N, 4)``, ``is_point (N,)``."""
@@ -284,13 +288,11 @@ class EncodedImage:
             canvas_box = out.boxes[row][-1]  # the location at the last word: the step before EOS
         else:  # the model stopped at once: read the box at the expression's last word instead
             predictor = self.predictor
-            input_ids, attention_mask, boxes, is_point = predictor._prompt_tensors([request])
-            index = torch.zeros(1, dtype=torch.long, device=predictor.device)
             with torch.no_grad():
-                visual = predictor.model.visual_tokens(self.features, index, boxes, is_point)
+                features, _, visual, input_ids, attention_mask = predictor._model_inputs([(self, request)])
                 canvas_box = teacher_forced_boxes(predictor.model, visual, input_ids, attention_mask,
                                                   [_fallback_ids(predictor.tokenizer, expression)],
-                                                  self.features.valid_size)[0][-1]
+                                                  features.valid_size)[0][-1]
         return _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:

@@ -108,8 +108,6 @@ class PixelLLM(nn.Module):
         """
         key = torch.cat([image_index[:, None].to(boxes.dtype), boxes, is_point[:, None].to(boxes.dtype)], dim=1)
         unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-        if len(unique) == len(key):
-            return self._extract(images, image_index, boxes, is_point)
         first = torch.zeros(len(unique), dtype=torch.long, device=key.device).scatter_(
             0, inverse, torch.arange(len(key), device=key.device))
         return self._extract(images, image_index[first], boxes[first], is_point[first])[inverse]
