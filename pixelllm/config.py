@@ -52,10 +52,14 @@ class ExtractorConfig:
 
 @dataclass
 class LocationHeadConfig:
-    """Localization MLP: LayerNorm, ``depth`` x (Linear + GELU), Linear to 4 (two corners)."""
+    """Localization head (``pixelllm.model.heads``): ``mlp`` reads the hidden state alone (the
+    paper's); ``pointer`` points at a cell of the image features, trained by an extra cross-entropy
+    (weight ``selection_weight``) on the cell that holds the target box's center."""
 
+    kind: str = "mlp"
     hidden: int = 512
     depth: int = 3
+    selection_weight: float = 1.0
 
 
 @dataclass
@@ -104,6 +108,10 @@ class PixelLLMConfig:
     lora_targets: list[str] | None = None  # None: the family's q and v projections
     label_smoothing: float = 0.1
     location_loss_weight: float = 0.1
+    # How location losses average: over all located tokens of a batch ("token", the official code)
+    # or per prompt first ("prompt"), so that a one-token referring expression weighs as much as a
+    # seventy-word trace when tasks share a batch.
+    location_average: str = "token"
     # The box that prompts the mask decoder in training: "predicted" at the last word (the official
     # code) or "target" (the ground-truth box, which lets a model trained from scratch learn masks
     # before its boxes are good).
@@ -170,6 +178,10 @@ class PixelLLMConfig:
             raise ConfigError(
                 f"semantic image_size {self.semantic.get('image_size')} must equal image_size {self.image_size}"
             )
+        if self.location_head.kind not in ("mlp", "pointer"):
+            raise ConfigError(f"location_head.kind must be 'mlp' or 'pointer', got {self.location_head.kind!r}")
+        if self.location_average not in ("token", "prompt"):
+            raise ConfigError(f"location_average must be 'token' or 'prompt', got {self.location_average!r}")
         if self.mask_prompt_box not in ("predicted", "target"):
             raise ConfigError(f"mask_prompt_box must be 'predicted' or 'target', got {self.mask_prompt_box!r}")
         missing = {"trace", "refer", "region"} - set(self.prompts)
@@ -293,13 +305,16 @@ def _tiny() -> PixelLLMConfig:
         lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True),
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128,
                                   box_attention=True, token_grid=4),
-        location_head=LocationHeadConfig(hidden=128, depth=3),
+        # Trained from scratch in a CPU hour, box regression from hidden states alone does not learn
+        # which object a phrase names; pointing at feature cells does (docs/model_card.md).
+        location_head=LocationHeadConfig(kind="pointer", hidden=128, depth=3),
         mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
         proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5), top_blocks=1),
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
         mask_prompt_box="target",
         location_loss_weight=0.24,  # 0.1 at the paper's 384 px canvas, rescaled to the same weight per image fraction
+        location_average="prompt",
         max_text_tokens=96,  # shapes-world narratives run to about 70 tokens
     )
 

@@ -96,15 +96,16 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         with_boxes: False skips the localization head (captions only; ``boxes`` are zeros).
     """
     visual = model.visual_tokens(images, image_index, prompt_boxes, prompt_is_point)
-    valid_size = images.valid_size[image_index]
     n = visual.shape[0]
     inputs = [visual, input_ids, attention_mask]
     if num_beams > 1:
         inputs = [x.repeat_interleave(num_beams, dim=0) for x in inputs]
     stepper = (_CachedStepper if use_cache else _UncachedStepper)(model.language, *inputs)
 
+    cells = model.location_cells(images) if use_cache and with_boxes else None
+
     def locate(hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        return model.location_head(hidden, valid_size[prompt_rows])
+        return model.token_boxes(hidden, images, image_index[prompt_rows], cells)
 
     search_locate = locate if use_cache and with_boxes else None
     eos = model.language.eos_token_id
@@ -116,7 +117,8 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
     if not with_boxes:
         out.boxes = [torch.zeros(len(s), 4) for s in out.sequences]
     elif not use_cache:
-        out.boxes = teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, valid_size)
+        out.boxes = teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, images,
+                                         image_index)
     return out
 
 
@@ -217,8 +219,10 @@ def teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences) -
     return hidden[:, 1:]  # position j + 1 reads token j
 
 
-def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, valid_size) -> list[torch.Tensor]:
-    """Read every token's box with one teacher-forced pass (the official way, after decoding)."""
-    boxes = model.location_head(teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences),
-                                valid_size)
+def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, images,
+                         image_index) -> list[torch.Tensor]:
+    """Read every token's box with one teacher-forced pass (the official way, after decoding);
+    ``images`` and ``image_index (N,)``: the prompts' encoded images."""
+    boxes = model.token_boxes(teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences),
+                              images, image_index)
     return [boxes[i, : len(seq)] for i, seq in enumerate(sequences)]

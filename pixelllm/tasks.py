@@ -153,8 +153,7 @@ class Predictor:
             return []
         features, index, visual, input_ids, attention_mask = self._model_inputs(
             [(e, e._trace_prompt()) for e in encoded])
-        canvas = teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids,
-                                       features.valid_size[index])
+        canvas = teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids, features, index)
         return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
                 if len(c) else np.zeros((0, 4)) for e, c in zip(encoded, canvas, strict=True)]
 
@@ -289,10 +288,10 @@ class EncodedImage:
         else:  # the model stopped at once: read the box at the expression's last word instead
             predictor = self.predictor
             with torch.no_grad():
-                features, _, visual, input_ids, attention_mask = predictor._model_inputs([(self, request)])
+                features, index, visual, input_ids, attention_mask = predictor._model_inputs([(self, request)])
                 canvas_box = teacher_forced_boxes(predictor.model, visual, input_ids, attention_mask,
                                                   [_fallback_ids(predictor.tokenizer, expression)],
-                                                  features.valid_size)[0][-1]
+                                                  features, index)[0][-1]
         return _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:

@@ -441,6 +441,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
         last = {"step": step + 1, "lr": lr, "grad_norm": float(norm), **totals}
         logger.log(last)
         done = step + 1 == config.steps
+        if (step + 1) % config.save_every == 0 or done:  # before evaluating: whatever happens there
+            save_training_checkpoint(checkpoint, model, optimizer, step + 1, {"best": best}, runtime)
         if config.eval.data and config.eval.tasks and ((step + 1) % config.eval.every == 0 or done):
             scores = evaluate_during_training(model, config, runtime, step + 1)
             logger.log({"step": step + 1, **scores}, progress=False)
@@ -449,8 +451,6 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
                 best = score
                 save_training_checkpoint(out / "best", model, optimizer, step + 1, {"best": best}, runtime)
             model.train()
-        if (step + 1) % config.save_every == 0 or done:
-            save_training_checkpoint(checkpoint, model, optimizer, step + 1, {"best": best}, runtime)
     logger.close()
     if runtime.world > 1:
         dist.barrier()
@@ -515,14 +515,22 @@ def _to_device(batch: dict | None, device: torch.device) -> dict:
 
 
 def evaluate_during_training(model: PixelLLM, config: TrainConfig, runtime: Runtime, step: int) -> dict:
-    """Scores ``{"task/metric": value}`` on the held-out data (computed on rank 0, shared with all)."""
+    """Scores ``{"task/metric": value}`` on the held-out data (computed on rank 0, shared with all).
+
+    An evaluation that fails is reported in one line and scores nothing: it never ends the run.
+    """
     scores: dict[str, float] = {}
     if runtime.main:
         from pixelllm.evaluate.runner import evaluate
 
         model.eval()
         for task in config.eval.tasks:
-            result = evaluate(model, task, config.eval.data, limit=config.eval.limit, progress=False)
+            try:
+                result = evaluate(model, task, config.eval.data, limit=config.eval.limit, progress=False)
+            except Exception as exc:  # noqa: BLE001 (hours of training outweigh one evaluation)
+                tqdm.write(f"warning: evaluating {task} at step {step} failed ({type(exc).__name__}: {exc}); "
+                           "training goes on", file=sys.stderr)
+                continue
             scores.update({f"{task}/{name}": value for name, value in result.metrics.items()})
     if runtime.world > 1:
         shared = [scores]

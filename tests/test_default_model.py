@@ -1,8 +1,11 @@
 """The embedded default ships, loads, and does what its model card says it does on scenes it has never
-seen (a fresh test split drawn in the test): find the objects and name their colors."""
+seen: a fresh test split of the shapes world (find the objects, name their colors), and scenes drawn
+here with plain PIL by other code, with other layouts, sizes and object counts (find the object a
+referring expression names)."""
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 import pixelllm
 from pixelllm.assets import DEFAULT_CHECKPOINT
@@ -50,3 +53,49 @@ def test_it_names_the_color_of_a_boxed_object(predictor, held_out):
             total += 1
             right += color in caption.text.split()
     assert total >= 20 and right / total >= 0.8  # the model card: color right 98 % of the time
+
+
+def drawn_scene(rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, str, tuple]]]:
+    """A scene drawn by this test, not the project's generator: a flat background, 2 to 7 objects
+    (the generator draws at most 6) of any size from 10 to 30 % of the short side (the generator
+    draws two size bands), placed anywhere without overlap; each (color, shape) pair once."""
+    width, height = (int(v) for v in rng.integers(200, 420, size=2))
+    image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(90, 170, size=3)))
+    draw = ImageDraw.Draw(image)
+    objects: list[tuple[str, str, tuple]] = []
+    count = int(rng.integers(2, 8))
+    while len(objects) < count:
+        side = float(rng.uniform(0.10, 0.30)) * min(width, height)
+        x0, y0 = float(rng.uniform(0, width - side)), float(rng.uniform(0, height - side))
+        box = (x0, y0, x0 + side, y0 + side)
+        color, shape = str(rng.choice(list(COLORS))), str(rng.choice(["circle", "square", "triangle"]))
+        apart = all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for _, _, b in objects)
+        if not apart or any((color, shape) == (c, s) for c, s, _ in objects):
+            continue
+        fill = COLORS[color]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([((x0 + box[2]) / 2, y0), (box[2], box[3]), (x0, box[3])], fill=fill)
+        objects.append((color, shape, box))
+    return image, objects
+
+
+def located_fraction(predictor, scenes: int, seed: int = 0) -> tuple[int, int]:
+    """(found, total): expressions "the {color} {shape}" whose box has IoU >= 0.5 with the object."""
+    rng = np.random.default_rng(seed)
+    found = total = 0
+    for _ in range(scenes):
+        image, objects = drawn_scene(rng)
+        boxes = predictor.locate_batch([predictor.encode(image)], [[f"the {c} {s}" for c, s, _ in objects]])[0]
+        for (_, _, box), predicted in zip(objects, boxes, strict=True):
+            total += 1
+            found += box_iou(np.array([box]), np.array([predicted]))[0, 0] >= 0.5
+    return found, total
+
+
+def test_it_locates_named_objects_in_scenes_drawn_by_other_code(predictor):
+    found, total = located_fraction(predictor, scenes=12)
+    assert total >= 40 and found / total >= 0.5  # measured 73 % on 24 such scenes; the MLP-head model: 1 %

@@ -52,7 +52,7 @@ def test_a_short_run_overfits_every_task(tmp_path, shapes):
     for r in records:  # SAM's mask loss as the model weighs it
         if "mask_focal" in r:
             r["mask"] = 20 * r["mask_focal"] + r["mask_dice"] + r["mask_iou"]
-    for term in ["text", "location", "mask", "detection_heatmap", "detection_box"]:
+    for term in ["text", "location", "selection", "mask", "detection_heatmap", "detection_box"]:
         values = [r[term] for r in records if term in r]
         assert len(values) > 10, term
         start, end = sum(values[:3]) / 3, sum(values[-3:]) / 3
@@ -70,6 +70,17 @@ def test_resume_continues_exactly(tmp_path, shapes):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_a_failing_evaluation_does_not_end_the_run(tmp_path, shapes, capsys):
+    missing = tmp_path / "no-such-split"  # evaluation raises DataError at every step
+    config = TrainConfig.load(_config(tmp_path, shapes, steps=2, eval={"data": str(missing), "tasks": ["refer"],
+                                                                        "every": 1}))
+    last = train(config, tmp_path / "run")
+    assert last["step"] == 2
+    assert json.loads((tmp_path / "run" / "last" / "trainer_state.json").read_text())["step"] == 2
+    err = capsys.readouterr().err
+    assert "evaluating refer at step 1 failed (DataError" in err and "training goes on" in err
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -29,7 +29,7 @@ from transformers import (
 from pixelllm.config import PixelLLMConfig, preset
 from pixelllm.errors import CheckpointError, ConfigError
 from pixelllm.model.extractor import PromptFeatureExtractor
-from pixelllm.model.heads import LocationHead
+from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import language_model
 from pixelllm.model.masks import MaskAdapter, MaskHead
 from pixelllm.model.pixelllm import PixelLLM
@@ -71,11 +71,19 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     language = language_model(lm, config.lora_rank, config.lora_alpha, config.lora_targets)
     extractor = PromptFeatureExtractor(config.extractor, vision.out_channels, prompt_encoder.dim,
                                        language.hidden_size)
-    head = LocationHead(language.hidden_size, config.location_head.hidden, config.location_head.depth)
+    head = location_head(config, language.hidden_size, vision.out_channels)
     adapter = MaskAdapter(config.mask_head, language.hidden_size, prompt_encoder.dim)
     masks = MaskHead(sam.mask_decoder, adapter, frozen=config.freeze_sam)
     proposals = ProposalHead(config.proposal_head, vision.out_channels, config.image_size)
     return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, tokenizer=tokenizer)
+
+
+def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:
+    """The localization head that ``config.location_head.kind`` names."""
+    head = config.location_head
+    if head.kind == "pointer":
+        return PointerLocationHead(lm_dim, feature_dim, config.image_size, head.hidden, head.depth)
+    return LocationHead(lm_dim, head.hidden, head.depth)
 
 
 def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: str | os.PathLike | None = None,

@@ -14,9 +14,9 @@ from torch import nn
 from pixelllm.config import CONFIG_NAME, PixelLLMConfig
 from pixelllm.errors import CheckpointError
 from pixelllm.model.extractor import PromptFeatureExtractor
-from pixelllm.model.heads import LocationHead
+from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import LanguageModel
-from pixelllm.model.losses import location_l1, smoothed_cross_entropy
+from pixelllm.model.losses import cell_cross_entropy, location_l1, smoothed_cross_entropy
 from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead, mask_loss, upsample_masks
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead
@@ -66,10 +66,12 @@ class PixelLLM(nn.Module):
     ``proposal_head`` (dense captioning's detector); and the tokenizer of the LM.
     """
 
-    LOSS_NAMES = ("text", "location", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap", "detection_box")
+    LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
+                  "detection_box")
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
-                 extractor: PromptFeatureExtractor, language: LanguageModel, location_head: LocationHead,
+                 extractor: PromptFeatureExtractor, language: LanguageModel,
+                 location_head: LocationHead | PointerLocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, tokenizer=None):
         super().__init__()
         self.config = config
@@ -122,9 +124,20 @@ class PixelLLM(nn.Module):
             point_boxes, self.config.image_size,
         )
 
-    def token_boxes(self, hidden: torch.Tensor, valid_size: torch.Tensor) -> torch.Tensor:
-        """Boxes ``(N, L, 4)`` in canvas pixels from hidden states ``(N, L, D)``."""
-        return self.location_head(hidden, valid_size)
+    def location_cells(self, images: ImageFeatures):
+        """What the location head reads from each image (``None`` for the MLP head): compute it
+        once and pass it to ``token_boxes`` when locating many times (every decoding step)."""
+        return self.location_head.cells(images.features)
+
+    def token_boxes(self, hidden: torch.Tensor, images: ImageFeatures, image_index: torch.Tensor,
+                    cells=None) -> torch.Tensor:
+        """Boxes ``(N, ..., 4)`` in canvas pixels from hidden states ``(N, ..., D)`` of prompts on
+        images ``image_index (N,)``; ``cells``: ``location_cells(images)`` if already computed."""
+        return self._locate(hidden, images, image_index, cells)[0]
+
+    def _locate(self, hidden, images, image_index, cells=None):
+        cells = self.location_cells(images) if cells is None else cells
+        return self.location_head.locate(hidden, cells, image_index, images.valid_size[image_index])
 
     def mask_logits(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                     visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
@@ -160,13 +173,17 @@ class PixelLLM(nn.Module):
         labels = batch["labels"]
         hidden, logits = self.language(visual, batch["input_ids"], batch["attention_mask"], labels)
         # The state whose input is labels[:, j] (position j + 1) locates labels[:, j].
-        token_boxes = self.token_boxes(hidden[:, 1:], images.valid_size[index])
+        token_boxes, cell_logits = self._locate(hidden[:, 1:], images, index)
+        located = (batch["label_boxes"][:, :-1], batch["label_box_mask"][:, :-1], batch["location_weight"])
+        per_prompt = self.config.location_average == "prompt"
         losses = {
             "text": smoothed_cross_entropy(logits, labels, batch["caption_weight"], self.config.label_smoothing),
-            "location": location_l1(token_boxes, batch["label_boxes"][:, :-1], batch["label_box_mask"][:, :-1],
-                                    batch["location_weight"]),
+            "location": location_l1(token_boxes, *located, per_prompt=per_prompt),
         }
         loss = losses["text"] + self.config.location_loss_weight * losses["location"]
+        if cell_logits is not None:
+            losses["selection"] = cell_cross_entropy(cell_logits, *located, self.config.image_size, per_prompt)
+            loss = loss + self.config.location_head.selection_weight * losses["selection"]
         has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
         if has_masks or all_heads:
             terms = self._mask_losses(batch, images, visual, hidden, token_boxes)

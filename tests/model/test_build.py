@@ -118,6 +118,10 @@ def test_mismatched_widths():
     data["semantic"]["image_size"] = 224
     with pytest.raises(ConfigError, match="semantic image_size 224"):
         PixelLLMConfig.from_dict(data)
+    data = preset("tiny").to_dict()
+    data["location_head"]["kind"] = "grid"
+    with pytest.raises(ConfigError, match="location_head.kind must be 'mlp' or 'pointer', got 'grid'"):
+        PixelLLMConfig.from_dict(data)
     with pytest.raises(ConfigError, match="unknown config field"):
         PixelLLMConfig.from_dict({**preset("tiny").to_dict(), "colour": 1})
 

@@ -5,7 +5,7 @@ import math
 import torch
 from helpers import make_batch, tiny_model
 
-from pixelllm.model.losses import location_l1, smoothed_cross_entropy
+from pixelllm.model.losses import cell_cross_entropy, location_l1, smoothed_cross_entropy
 
 
 def test_smoothed_cross_entropy_by_hand():
@@ -64,8 +64,9 @@ def test_task_gates_switch_terms_off():
         out = model(batch)
         mask_terms = 20 * out.losses["mask_focal"] + out.losses["mask_dice"] + out.losses["mask_iou"]
         detection_terms = 0.5 * out.losses["detection_heatmap"] + out.losses["detection_box"]
-        weight = model.config.location_loss_weight
-        expected = out.losses["text"] + weight * out.losses["location"] + mask_terms + detection_terms
+        weight, selection = model.config.location_loss_weight, model.config.location_head.selection_weight
+        expected = out.losses["text"] + weight * out.losses["location"] + selection * out.losses["selection"] \
+            + mask_terms + detection_terms
         assert mask_terms.item() > 0 and math.isclose(out.loss.item(), expected.item(), rel_tol=1e-6)
         # gating a prompt off gives the loss of the batch without that prompt's tokens
         one_off = model(dict(batch, caption_weight=torch.tensor([1.0, 0.0, 0.0]))).losses["text"]
@@ -73,3 +74,28 @@ def test_task_gates_switch_terms_off():
         dropped[1:] = -100
         only_first = model(dict(batch, labels=dropped, caption_weight=torch.ones(3))).losses["text"]
         torch.testing.assert_close(one_off, only_first)
+
+
+def test_cell_cross_entropy_targets_the_cell_of_the_box_center():
+    grid, canvas = 4, 40  # cells of 10 px
+    target = torch.tensor([[[20.0, 0, 30, 18]]])  # center (25, 9): column 2, row 0 -> cell 2
+    mask, weight = torch.ones(1, 1, dtype=torch.bool), torch.ones(1)
+    right = torch.zeros(1, 1, grid * grid)
+    right[..., 2] = 50.0
+    wrong = torch.zeros(1, 1, grid * grid)
+    wrong[..., 8] = 50.0  # column 0, row 2
+    assert cell_cross_entropy(right, target, mask, weight, canvas).item() < 1e-6
+    assert math.isclose(cell_cross_entropy(wrong, target, mask, weight, canvas).item(), 50.0, rel_tol=1e-6)
+    uniform = torch.zeros(1, 1, grid * grid)
+    assert math.isclose(cell_cross_entropy(uniform, target, mask, weight, canvas).item(), math.log(16), rel_tol=1e-6)
+
+
+def test_per_prompt_average_weighs_each_prompt_once():
+    # Prompt 0: one located token with error 4; prompt 1: three located tokens with error 0.
+    pred = torch.zeros(2, 3, 4)
+    target = torch.zeros(2, 3, 4)
+    target[0, 0] = 4.0
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    weight = torch.ones(2)
+    assert math.isclose(location_l1(pred, target, mask, weight).item(), 4 / 4)
+    assert math.isclose(location_l1(pred, target, mask, weight, per_prompt=True).item(), 4 / 2)

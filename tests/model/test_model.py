@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from helpers import make_batch, tiny_model
+from helpers import make_batch, tiny_config, tiny_model, tokenizer
+
+from pixelllm.config import PixelLLMConfig
+from pixelllm.model.build import build_model
+from pixelllm.model.heads import LocationHead
+from pixelllm.model.pixelllm import PixelLLM
 
 FAMILIES = ["t5", "llama"]
 
@@ -12,8 +17,7 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
-    assert {"text", "location", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap", "detection_box"} \
-        == set(out.losses)
+    assert set(PixelLLM.LOSS_NAMES) == set(out.losses)
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
@@ -72,6 +76,18 @@ def test_location_head_never_changes_the_text():
         after = model(batch)
     assert torch.equal(before.logits, after.logits)
     assert not torch.allclose(before.token_boxes, after.token_boxes)
+
+
+def test_the_paper_head_trains_without_a_selection_loss():
+    data = tiny_config().to_dict()
+    data["location_head"]["kind"] = "mlp"
+    torch.manual_seed(0)
+    model = build_model(PixelLLMConfig.from_dict(data), tokenizer=tokenizer())
+    assert isinstance(model.location_head, LocationHead)
+    out = model(make_batch(model.config))
+    assert "selection" not in out.losses and out.losses["location"].item() > 0
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.location_head.parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,66 @@
+"""Localization heads: the pointer head masks padding cells and learns to point at what the
+hidden state asks for; both heads answer the same call."""
+
+import torch
+
+from pixelllm.model.heads import LocationHead, PointerLocationHead, box_center
+from pixelllm.model.losses import cell_cross_entropy, location_l1
+
+GRID, CANVAS, CHANNELS, DIM = 8, 64, 16, 32
+
+
+def _marked_scenes(n: int, gen: torch.Generator):
+    """Random feature maps with one cell marked per image; the target box is that cell's box."""
+    features = torch.randn(n, CHANNELS, GRID, GRID, generator=gen)
+    cells = torch.randint(0, GRID * GRID, (n,), generator=gen)
+    features.view(n, CHANNELS, -1)[torch.arange(n), :, cells] += 3.0
+    cell = CANVAS / GRID
+    x0, y0 = (cells % GRID) * cell, (cells // GRID) * cell
+    boxes = torch.stack([x0, y0, x0 + cell, y0 + cell], dim=-1).float()
+    return features, cells, boxes
+
+
+def test_both_heads_answer_the_same_call_with_any_leading_shape():
+    features = torch.randn(2, CHANNELS, GRID, GRID)
+    valid = torch.tensor([[64.0, 64.0], [64.0, 40.0]])
+    index = torch.tensor([1, 0, 1])
+    for head in (LocationHead(DIM, 16, 2), PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)):
+        cells = head.cells(features)
+        boxes, _ = head.locate(torch.randn(3, 5, DIM), cells, index, valid[index])
+        assert boxes.shape == (3, 5, 4)
+        step, _ = head.locate(torch.randn(3, DIM), cells, index, valid[index])
+        assert step.shape == (3, 4)
+
+
+def test_pointer_never_points_into_the_padding():
+    torch.manual_seed(0)
+    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    features = torch.randn(1, CHANNELS, GRID, GRID)
+    valid = torch.tensor([[64.0, 20.0]])  # rows 0-2 (y < 24) overlap the image, rows 3-7 are padding
+    _, logits = head.locate(torch.randn(1, 4, DIM), head.cells(features), torch.zeros(1, dtype=torch.long), valid)
+    rows = logits.view(1, 4, GRID, GRID)
+    assert torch.isinf(rows[:, :, 3:]).all() and torch.isfinite(rows[:, :, :3]).all()
+
+
+def test_pointer_learns_to_point_at_the_marked_cell_on_unseen_maps():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 32, 2)
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    hidden = torch.randn(1, 1, DIM).expand(16, -1, -1)  # one question: "where is the marked cell?"
+    mask, weight, valid = torch.ones(16, 1, dtype=torch.bool), torch.ones(16), torch.full((16, 2), float(CANVAS))
+    index = torch.arange(16)
+    for _ in range(300):
+        features, _, boxes = _marked_scenes(16, gen)
+        pred, logits = head.locate(hidden, head.cells(features), index, valid)
+        loss = cell_cross_entropy(logits, boxes[:, None], mask, weight, CANVAS) + \
+            0.1 * location_l1(pred, boxes[:, None], mask, weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    features, cells, boxes = _marked_scenes(16, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        pred, logits = head.locate(hidden, head.cells(features), index, valid)
+    assert (logits[:, 0].argmax(-1) == cells).float().mean() >= 0.9
+    error = (box_center(pred[:, 0]) - box_center(boxes)).abs().max(-1).values
+    assert (error < CANVAS / GRID / 2).float().mean() >= 0.9  # the center lands in the right cell
