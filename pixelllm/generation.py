@@ -102,12 +102,13 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         inputs = [x.repeat_interleave(num_beams, dim=0) for x in inputs]
     stepper = (_CachedStepper if use_cache else _UncachedStepper)(model.language, *inputs)
 
-    cells = model.location_cells(images) if use_cache and with_boxes else None
+    search_locate = None
+    if use_cache and with_boxes:  # each step locates its token; else one teacher-forced pass after decoding
+        cells = model.location_cells(images)
 
-    def locate(hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        return model.token_boxes(hidden, images, image_index[prompt_rows], cells)
+        def search_locate(hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
+            return model.token_boxes(hidden, images, image_index[prompt_rows], cells)
 
-    search_locate = locate if use_cache and with_boxes else None
     eos = model.language.eos_token_id
     if num_beams > 1:
         out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty,

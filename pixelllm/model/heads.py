@@ -91,16 +91,16 @@ class PointerLocationHead(nn.Module):
         angles = centers[..., None] / self.canvas_size * scales * math.pi  # (GG, 2, F)
         return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1).to(centers.dtype)
 
-    def cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(B, G*G, H)`` of the cells of image features ``(B, C, G, G)``."""
-        grid = features.shape[-1]
-        centers = self.cell_centers(grid, features.device, self.feature.weight.dtype)
+    def cells(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, G*G, H)`` of the cells of image features ``(B, C, G, G)``, and the
+        cell centers ``(G*G, 2)`` (``cell_centers``)."""
+        centers = self.cell_centers(features.shape[-1], features.device, self.feature.weight.dtype)
         cells = self.feature(features.flatten(2).transpose(1, 2).to(centers.dtype)) + self.position(
             self._encode_position(centers))
-        return self.key(cells), self.value(cells)
+        return self.key(cells), self.value(cells), centers
 
-    def locate(self, hidden: torch.Tensor, cells: tuple[torch.Tensor, torch.Tensor], image_index: torch.Tensor,
-               valid_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def locate(self, hidden: torch.Tensor, cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+               image_index: torch.Tensor, valid_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes and cell logits of ``N`` rows.
 
         Args:
@@ -111,10 +111,9 @@ class PointerLocationHead(nn.Module):
         Returns:
             boxes ``(N, ..., 4)`` canvas pixels; logits ``(N, ..., G*G)`` (-inf on cells wholly in the padding).
         """
-        keys, values = cells[0][image_index], cells[1][image_index]  # (N, GG, H)
-        grid = math.isqrt(keys.shape[1])
+        keys, values, centers = cells[0][image_index], cells[1][image_index], cells[2]  # (N, GG, H), (GG, 2)
+        grid = math.isqrt(len(centers))
         dtype = keys.dtype
-        centers = self.cell_centers(grid, keys.device, dtype)  # (GG, 2)
         hidden = hidden.to(dtype)
         flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])  # (N, L', D)
         logits = torch.einsum("nlh,ngh->nlg", self.query(flat), keys) / math.sqrt(keys.shape[-1])
