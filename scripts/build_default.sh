@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch and measure it, as docs/model_card.md reports:
 #   1. train the tiny preset on the shapes world (the data is generated first),
-#   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task,
+#   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
+#      break referring localization down by expression form and object size,
 #   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +17,9 @@ fi
 mkdir -p "$run/eval"
 for task in refer refseg regioncap densecap trace; do
   pixelllm eval --model "$run/last" --task "$task" --data "$test_split" --json \
-    --report "$run/eval/$task.md" | tee "$run/eval/$task.json"
+    --report "$run/eval/$task.md" --per-sample "$run/eval/$task.jsonl" | tee "$run/eval/$task.json"
 done
+python scripts/refer_breakdown.py "$run/eval/refer.jsonl" "$test_split" | tee "$run/eval/refer_breakdown.md"
 
 mkdir -p pixelllm/assets/default
 cp "$run"/last/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} pixelllm/assets/default/

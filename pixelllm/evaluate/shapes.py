@@ -23,12 +23,13 @@ from pixelllm.evaluate.base import Metric
 VOCABULARY = set(COLORS) | set(SHAPES)
 
 
-def _words(text: str) -> list[str]:
+def lower_words(text: str) -> list[str]:
+    """Lower-case alphabetic words of ``text``."""
     return re.findall(r"[a-z]+", text.lower())
 
 
 def color_shape_words(text: str) -> set[str]:
-    return {w for w in _words(text) if w in VOCABULARY}
+    return {w for w in lower_words(text) if w in VOCABULARY}
 
 
 def mentions(words: Sequence[str]) -> list[tuple[list[int], dict[str, str]]]:
@@ -51,8 +52,9 @@ def mentions(words: Sequence[str]) -> list[tuple[list[int], dict[str, str]]]:
     return found
 
 
-def _matches(attributes: dict[str, str], phrase: str) -> bool:
-    said = set(_words(phrase))
+def matches(attributes: dict[str, str], phrase: str) -> bool:
+    """Whether ``phrase`` says every attribute value (e.g. ``{"color": "red", "shape": "star"}``)."""
+    said = set(lower_words(phrase))
     return all(value in said for value in attributes.values())
 
 
@@ -89,9 +91,9 @@ class WordGrounding(Metric):
     def update(self, words: Sequence, objects: Sequence[tuple[str, Sequence[float]]]) -> None:
         """``words``: a caption's words, each with ``text`` and ``point`` ``[x, y]``; ``objects``:
         the scene's ``(phrase, box)`` pairs, in the same pixel frame. Each color or shape word is a sample."""
-        texts = [(_words(w.text) or [""])[0] for w in words]
+        texts = [(lower_words(w.text) or [""])[0] for w in words]
         for indices, attributes in mentions(texts):
-            boxes = [box for phrase, box in objects if _matches(attributes, phrase)]
+            boxes = [box for phrase, box in objects if matches(attributes, phrase)]
             for i in indices:
                 x, y = words[i].point
                 self.counts["num_samples"] += 1

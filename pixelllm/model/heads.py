@@ -60,8 +60,9 @@ class PointerLocationHead(nn.Module):
     """Point at a feature cell, then refine: a box per token from the hidden state and the image.
 
     Cell logits ``q(h) . k(f_c + pos_c)`` over the ``G x G`` cells ``c`` inside the resized image;
-    their softmax ``p`` gives an anchor ``sum_c p_c center_c`` (no gradient: the cell cross-entropy
-    trains ``p``) and attended features ``sum_c p_c v(f_c + pos_c)``. An MLP on ``[h ; attended]``
+    their softmax ``p`` over the 3 x 3 cells around the highest logit gives an anchor
+    ``sum_c p_c center_c`` (no gradient: the cell cross-entropy over all cells trains the logits)
+    and attended features ``sum_c p_c v(f_c + pos_c)``. An MLP on ``[h ; attended]``
     gives the center's offset from the anchor (in cells) and the log box size (in cells). All in
     canvas pixels.
     """
@@ -120,7 +121,11 @@ class PointerLocationHead(nn.Module):
         cell = self.canvas_size / grid
         inside = (centers[None] - cell / 2 < valid_size[:, None].to(dtype)).all(-1)  # (N, GG) overlaps the image
         logits = logits.masked_fill(~inside[:, None], float("-inf"))
-        weights = logits.softmax(-1)
+        # Attend within the 3 x 3 cells around the peak: a softmax split between two objects would
+        # otherwise average them into a box on neither.
+        peak = centers[logits.argmax(-1)]  # (N, L', 2)
+        near = ((centers - peak[..., None, :]).abs() <= 1.5 * cell).all(-1)  # (N, L', GG)
+        weights = logits.masked_fill(~near, float("-inf")).softmax(-1)
         # The cross-entropy alone trains where to point: an L1 gradient through the anchor is scaled
         # by pixel coordinates, dwarfs every other loss under gradient clipping, and is the plateau
         # that stalled the MLP head (docs/model_card.md).

@@ -1,5 +1,7 @@
 """The prompt feature extractor: box attention sees only the box; the in-repo tower; fresh SAM init."""
 
+import math
+
 import torch
 from helpers import tiny_config
 
@@ -38,15 +40,17 @@ def test_box_attention_sees_only_the_box():
 def test_token_grid_gives_each_token_its_cell():
     torch.manual_seed(0)
     model = build_model(tiny_config()).eval()
-    size, grid = model.config.image_size, model.vision.grid
-    bias = model.extractor._box_bias(torch.tensor([[0.0, 0.0, size, size]]), grid, size, 16 + 5)
-    visible = (bias[0, 0] == 0).view(21, grid, grid)
-    quarter = grid // 4
-    assert visible[0, :quarter, :quarter].all() and visible[0].sum() == quarter * quarter  # token 0: top left
-    assert visible[15, -quarter:, -quarter:].all() and visible[15].sum() == quarter * quarter  # token 15: bottom right
-    assert visible[16:].all()  # the prompt tokens see the whole box
+    size, grid, g = model.config.image_size, model.vision.grid, model.config.extractor.token_grid
+    tokens = g * g
+    bias = model.extractor._box_bias(torch.tensor([[0.0, 0.0, size, size]]), grid, size, tokens + 5)
+    visible = (bias[0, 0] == 0).view(tokens + 5, grid, grid)
+    span = math.ceil(grid / g)  # the feature cells that overlap one token's cell
+    assert visible[0, :span, :span].all() and visible[0].sum() == span * span  # token 0: top left
+    last = tokens - 1  # bottom right
+    assert visible[last, -span:, -span:].all() and visible[last].sum() == span * span
+    assert visible[tokens:].all()  # the prompt tokens see the whole box
     # a box smaller than a cell still lets every token see the cell that holds it
-    tiny = model.extractor._box_bias(torch.tensor([[50.0, 50.0, 51.0, 51.0]]), grid, size, 21)
+    tiny = model.extractor._box_bias(torch.tensor([[50.0, 50.0, 51.0, 51.0]]), grid, size, tokens + 5)
     assert ((tiny[0, 0] == 0).sum(-1) >= 1).all()
 
 
@@ -73,9 +77,9 @@ def test_token_grid_needs_matching_tokens():
     try:
         PixelLLMConfig.from_dict(data)
     except ConfigError as error:
-        assert "token_grid 4" in str(error)
+        assert f"token_grid {data['extractor']['token_grid']}" in str(error)
     else:
-        raise AssertionError("a 4 x 4 token grid with 8 tokens was accepted")
+        raise AssertionError("a token grid with 8 tokens was accepted")
     assert ExtractorConfig().box_attention is False  # the official design: off by default
 
 

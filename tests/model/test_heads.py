@@ -64,3 +64,20 @@ def test_pointer_learns_to_point_at_the_marked_cell_on_unseen_maps():
     assert (logits[:, 0].argmax(-1) == cells).float().mean() >= 0.9
     error = (box_center(pred[:, 0]) - box_center(boxes)).abs().max(-1).values
     assert (error < CANVAS / GRID / 2).float().mean() >= 0.9  # the center lands in the right cell
+
+
+def test_pointer_split_between_two_objects_boxes_one_of_them_not_the_space_between():
+    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    with torch.no_grad():  # logits = 10 x channel 0 of each cell; the MLP adds no offset
+        for layer in (head.position, head.feature, head.key, head.query[1], head.mlp[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        head.feature.weight[0, 0] = 1.0
+        head.key.weight.copy_(torch.eye(16))
+        head.query[1].bias[0] = 40.0
+    features = torch.zeros(1, CHANNELS, GRID, GRID)
+    features[0, 0, 1, 1], features[0, 0, 6, 6] = 1.0, 0.98  # two objects, softmax mass ~0.55 / 0.45
+    valid = torch.full((1, 2), float(CANVAS))
+    boxes, _ = head.locate(torch.randn(1, DIM), head.cells(features), torch.zeros(1, dtype=torch.long), valid)
+    cell = CANVAS / GRID
+    assert torch.allclose(box_center(boxes[0]), torch.tensor([1.5, 1.5]) * cell, atol=0.05 * cell)
