@@ -2,7 +2,8 @@
 and, for the misses, by what the predicted box landed on.
 
 Reads the per-sample records of ``pixelllm eval --task refer --per-sample FILE`` and the scene's
-objects (the Visual Genome region file of the same data directory), and prints a markdown report:
+objects (the Visual Genome regions of the same data directory, through the project's reader), and
+prints a markdown report:
 
 - Precision@1 (IoU >= 0.5) by form: "the {color} {shape}" (plain), "the {size} {color} {shape}"
   (size), "the {color} {shape} {relation} the {color} {shape}" (relational; split by whether the
@@ -23,20 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pixelllm.data.shapes.formats import REGIONS_FILE
 from pixelllm.data.shapes.vocab import RELATIONS, SIZES
+from pixelllm.data.sources import open_source
 from pixelllm.evaluate.boxes import box_iou
 from pixelllm.evaluate.shapes import lower_words, matches, mentions
 
 
 def scene_objects(data: Path) -> dict[str, list[tuple[str, list[float]]]]:
     """Image id -> its objects as ``(phrase, [x0, y0, x1, y1])`` in original pixels."""
-    objects: dict[str, list[tuple[str, list[float]]]] = {}
-    for image in json.loads((data / REGIONS_FILE).read_text()):
-        for r in image["regions"]:
-            box = [r["x"], r["y"], r["x"] + r["width"], r["y"] + r["height"]]
-            objects.setdefault(str(r["image_id"]), []).append((r["phrase"], box))
-    return objects
+    return {str(sample.image_id): [(" ".join(r.texts), list(r.box)) for r in sample.regions]
+            for sample in open_source("regioncap", data).reader}
 
 
 def form(query: str, objects: list[tuple[str, list[float]]]) -> str:
