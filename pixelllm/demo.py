@@ -108,13 +108,13 @@ def _region_caption(encoded, image, sample: Sample, options: _Options):
 
 
 def _locate(encoded, image, sample: Sample, options: _Options):
-    box = encoded.locate(sample.expression, **options.decoding)
+    box = encoded.locate(sample.expression)
     result = location_json(sample.expression, box, encoded.image_size)
     return result, draw_location(image, box, sample.expression)
 
 
 def _segment(encoded, image, sample: Sample, options: _Options):
-    segmentation = encoded.segment(sample.expression, **options.decoding)
+    segmentation = encoded.segment(sample.expression)
     return segmentation.to_dict(), draw_segmentation(image, segmentation)
 
 

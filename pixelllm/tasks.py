@@ -8,13 +8,15 @@
     image.segment("the red circle")              # Segmentation(box, mask)
     image.dense_caption()                        # [Region(box, score, caption)]
     encoded = predictor.encode_batch(paths)      # many images in one pass, then all their prompts
-    predictor.locate_batch(encoded, texts)       # in one decode (texts[i] on encoded[i]); likewise
+    predictor.locate_batch(encoded, texts)       # in one pass (texts[i] on encoded[i]); likewise
                                                  # caption_batch, caption_regions_batch, segment_batch,
                                                  # dense_caption_batch, token_boxes
 
 Every coordinate in and out is in pixels of the original image. Decoding follows the official
-settings: captions beam 4 with length penalty 0.6; referring expressions beam 3, at most 40
-tokens; region and dense captions greedy, at most 40 tokens.
+settings: captions beam 4 with length penalty 0.6; region and dense captions greedy, at most 40
+tokens. A referring expression is not decoded: as the official inference does for RefCOCO, the
+model reads the expression itself (teacher-forced under the "where is ..." prompt) and its box is
+the one at the expression's last word.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt
 
 CAPTION_DECODING = {"num_beams": 4, "length_penalty": 0.6}
-REFER_DECODING = {"num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 40, "candidates_per_beam": 1}
 REGION_DECODING = {"num_beams": 1, "max_new_tokens": 40}
 
 
@@ -51,15 +52,24 @@ class _Prompt:
 
 
 @dataclass
-class _Located:
-    """A referring expression located on an image: its box (original pixels), the ids decoded for
-    it, and the request that decoded them."""
+class _ReadExpressions:
+    """``N`` referring expressions read in one teacher-forced pass, with what their masks need.
 
-    image: EncodedImage
-    expression: str
-    box: list[float]
-    sequence: list[int]
-    request: _Prompt
+    ``features``/``index``: the images and each expression's image ``(N,)``; ``visual``: the
+    prompts' visual tokens ``(N, T, D)``; ``hidden``: the states whose inputs are the expression's
+    tokens ``(N, L, D)`` and ``text_mask`` ``(N, L)``; ``canvas_boxes``: the box at each last word
+    ``(N, 4)`` canvas pixels; ``boxes``: the same in original pixels, clipped to the image.
+    """
+
+    images: list[EncodedImage]
+    expressions: list[str]
+    features: ImageFeatures
+    index: torch.Tensor
+    visual: torch.Tensor
+    hidden: torch.Tensor
+    text_mask: torch.Tensor
+    canvas_boxes: torch.Tensor
+    boxes: list[list[float]]
 
 
 class Predictor:
@@ -112,16 +122,23 @@ class Predictor:
         captions = [e._caption(out, row) for row, (e, _) in enumerate(requests)]
         return _per_image(captions, [len(b) for b in boxes])
 
-    def locate_batch(self, encoded: list[EncodedImage], expressions, **decoding) -> list[list[list[float]]]:
-        """The box of every expression ``expressions[i][j]`` on ``encoded[i]``, decoded in one batch."""
-        located = self._locate(encoded, expressions, **decoding)
-        return _per_image([x.box for x in located], [len(x) for x in expressions])
+    def locate_batch(self, encoded: list[EncodedImage], expressions) -> list[list[list[float]]]:
+        """The box of every expression ``expressions[i][j]`` on ``encoded[i]``, all read in one pass."""
+        read = self._read_expressions(encoded, expressions)
+        return _per_image(read.boxes if read else [], [len(x) for x in expressions])
 
-    def segment_batch(self, encoded: list[EncodedImage], expressions, **decoding) -> list[list[Segmentation]]:
-        """The box and mask of every expression ``expressions[i][j]`` on ``encoded[i]``; the
-        expressions are decoded in one batch, then their masks are read in another."""
-        located = self._locate(encoded, expressions, **decoding)
-        return _per_image(self._segment(located), [len(x) for x in expressions])
+    @torch.no_grad()
+    def segment_batch(self, encoded: list[EncodedImage], expressions) -> list[list[Segmentation]]:
+        """The box and mask of every expression ``expressions[i][j]`` on ``encoded[i]``: the mask
+        decoder prompted with each box and reading the expression's hidden states, all in one batch."""
+        read = self._read_expressions(encoded, expressions)
+        if read is None:
+            return [[] for _ in expressions]
+        logits, iou = self.model.mask_logits(read.features, read.index, read.canvas_boxes, read.visual, read.hidden,
+                                             read.text_mask)
+        masks = [Segmentation(text, box, image._mask_to_original(logits[row]), image.image_size, float(iou[row]))
+                 for row, (image, text, box) in enumerate(zip(read.images, read.expressions, read.boxes, strict=True))]
+        return _per_image(masks, [len(x) for x in expressions])
 
     @torch.no_grad()
     def dense_caption_batch(self, encoded: list[EncodedImage], max_regions: int | None = None,
@@ -162,14 +179,28 @@ class Predictor:
             return list(images)
         return self.encode_batch(images)
 
-    def _locate(self, encoded: list[EncodedImage], expressions, **decoding) -> list[_Located]:
-        """Every expression located, in order, from one batched decode."""
-        texts = [(e, _check_text(text, "expression")) for e, image_texts in zip(encoded, expressions, strict=True)
+    @torch.no_grad()
+    def _read_expressions(self, encoded: list[EncodedImage], expressions) -> _ReadExpressions | None:
+        """Read every expression ``expressions[i][j]`` on ``encoded[i]`` in one teacher-forced pass
+        under the referring prompt (the official RefCOCO inference: the ground-truth text is the
+        decoder's input, nothing is decoded); each box is the location at the expression's last word,
+        the position whose next token is EOS, where training puts it. None: no expressions."""
+        pairs = [(e, _check_text(text, "expression")) for e, image_texts in zip(encoded, expressions, strict=True)
                  for text in image_texts]
-        requests = [(e, e._refer_prompt(text)) for e, text in texts]
-        out = self._generate(requests, **{**REFER_DECODING, **decoding})
-        return [_Located(e, text, e._located_box(out, row, request, text), out.sequences[row], request)
-                for row, ((e, request), (_, text)) in enumerate(zip(requests, texts, strict=True))]
+        if not pairs:
+            return None
+        features, index, visual, input_ids, attention_mask = self._model_inputs(
+            [(e, e._refer_prompt(text)) for e, text in pairs])
+        sequences = [_token_ids(self.tokenizer, text) for _, text in pairs]
+        hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
+        lengths = torch.tensor([len(s) for s in sequences], device=self.device)
+        last = hidden[torch.arange(len(pairs), device=self.device), lengths - 1]  # (N, D)
+        canvas_boxes = self.model.token_boxes(last, features, index).float()
+        boxes = [_clip_box(e.transform.boxes_to_original(b), e.image_size)
+                 for (e, _), b in zip(pairs, canvas_boxes.cpu().numpy(), strict=True)]
+        text_mask = torch.arange(hidden.shape[1], device=self.device) < lengths[:, None]
+        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, visual, hidden,
+                                text_mask, canvas_boxes, boxes)
 
     @torch.no_grad()
     def _generate(self, requests: list[tuple[EncodedImage, _Prompt]], **decoding) -> GenerationOutput:
@@ -180,24 +211,6 @@ class Predictor:
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
         return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask, **decoding)
-
-    @torch.no_grad()
-    def _segment(self, located: list[_Located]) -> list[Segmentation]:
-        """The masks of located expressions: the mask decoder prompted with each box, reading the
-        hidden states of the decoded expression (teacher-forced, all in one pass)."""
-        if not located:
-            return []
-        features, index, visual, input_ids, attention_mask = self._model_inputs(
-            [(x.image, x.request) for x in located])
-        sequences = [x.sequence or _fallback_ids(self.tokenizer, x.expression) for x in located]
-        hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
-        text_mask = torch.arange(hidden.shape[1], device=self.device) < torch.tensor(
-            [len(s) for s in sequences], device=self.device)[:, None]
-        canvas_boxes = torch.tensor(np.stack([x.image.transform.boxes_to_canvas(x.box) for x in located]),
-                                    dtype=torch.float32, device=self.device)
-        logits, iou = self.model.mask_logits(features, index, canvas_boxes, visual, hidden, text_mask)
-        return [Segmentation(x.expression, x.box, x.image._mask_to_original(logits[row]), x.image.image_size,
-                             float(iou[row])) for row, x in enumerate(located)]
 
     def _model_inputs(self, requests: list[tuple[EncodedImage, _Prompt]]):
         """For a teacher-forced pass: the requests' images as one feature batch, each request's image
@@ -254,13 +267,13 @@ class EncodedImage:
         """Captions of many regions of this image, decoded together in one batch."""
         return self.predictor.caption_regions_batch([self], [boxes], **decoding)[0]
 
-    def locate(self, expression: str, **decoding) -> list[float]:
-        """The box ``[x0, y0, x1, y1]`` of a referring expression."""
-        return self.predictor.locate_batch([self], [[expression]], **decoding)[0][0]
+    def locate(self, expression: str) -> list[float]:
+        """The box ``[x0, y0, x1, y1]`` of a referring expression (read at its last word)."""
+        return self.predictor.locate_batch([self], [[expression]])[0][0]
 
-    def segment(self, expression: str, **decoding) -> Segmentation:
+    def segment(self, expression: str) -> Segmentation:
         """The box and ``(H, W)`` bool mask of a referring expression."""
-        return self.predictor.segment_batch([self], [[expression]], **decoding)[0][0]
+        return self.predictor.segment_batch([self], [[expression]])[0][0]
 
     def dense_caption(self, max_regions: int | None = None, **decoding) -> list[Region]:
         """Detected regions, each with its caption, best score first."""
@@ -280,19 +293,6 @@ class EncodedImage:
 
     def _decode(self, requests: list[_Prompt], **decoding) -> GenerationOutput:
         return self.predictor._generate([(self, r) for r in requests], **decoding)
-
-    def _located_box(self, out: GenerationOutput, row: int, request: _Prompt, expression: str) -> list[float]:
-        """The box of a referring expression from row ``row`` of a decode, in original pixels."""
-        if out.sequences[row]:
-            canvas_box = out.boxes[row][-1]  # the location at the last word: the step before EOS
-        else:  # the model stopped at once: read the box at the expression's last word instead
-            predictor = self.predictor
-            with torch.no_grad():
-                features, index, visual, input_ids, attention_mask = predictor._model_inputs([(self, request)])
-                canvas_box = teacher_forced_boxes(predictor.model, visual, input_ids, attention_mask,
-                                                  [_fallback_ids(predictor.tokenizer, expression)],
-                                                  features, index)[0][-1]
-        return _clip_box(self.transform.boxes_to_original(canvas_box.cpu().numpy()), self.image_size)
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:
         ids = out.sequences[row]
@@ -355,7 +355,7 @@ def _per_image(results: list, counts: list[int]) -> list[list]:
     return groups
 
 
-def _fallback_ids(tokenizer, text: str) -> list[int]:
+def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

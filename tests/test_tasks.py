@@ -6,6 +6,9 @@ import torch
 from helpers import tiny_model
 from PIL import Image
 
+from pixelllm.data import samples
+from pixelllm.data.collate import collate
+from pixelllm.data.pipeline import ExampleBuilder, TaskConfig
 from pixelllm.errors import InputError
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tasks import Predictor
@@ -46,13 +49,13 @@ def test_caption_contract(predictor, photo):
 
 def test_locate_segment_densecap_contract(predictor, photo):
     image = predictor.encode(photo)
-    box = image.locate("the cat", **DECODE)
+    box = image.locate("the cat")
     assert len(box) == 4 and all(isinstance(v, float) for v in box) and _inside(box, image.image_size)
-    segmentation = image.segment("the cat", **DECODE)
+    segmentation = image.segment("the cat")
     assert isinstance(segmentation, Segmentation)
     w, h = image.image_size
     assert segmentation.mask.shape == (h, w) and segmentation.mask.dtype == bool
-    assert segmentation.box == box  # same decoding, same box
+    assert segmentation.box == box  # the same reading of the expression
     data = segmentation.to_dict()
     from pycocotools import mask as mask_utils
 
@@ -82,20 +85,43 @@ def test_batched_equals_one_by_one(predictor, real_data):
 def test_segment_batch_equals_one_by_one(predictor, real_data):
     encoded = [predictor.encode(real_data / "photos" / name) for name in ("chelsea.png", "rocket.jpg")]
     expressions = [["the cat", "the left ear"], ["the rocket"]]
-    together = predictor.segment_batch(encoded, expressions, **DECODE)
+    together = predictor.segment_batch(encoded, expressions)
     for image, texts, results in zip(encoded, expressions, together, strict=True):
         for text, batched in zip(texts, results, strict=True):
-            alone = image.segment(text, **DECODE)
+            alone = image.segment(text)
             assert alone.box == pytest.approx(batched.box, abs=1e-2)
             assert alone.score == pytest.approx(batched.score, abs=1e-4)
             assert (alone.mask != batched.mask).mean() < 1e-3  # a few threshold pixels at most
+
+
+def test_locate_reads_the_box_where_training_puts_it(predictor, photo):
+    """The located box is the training path's box at the one token that a referring example trains
+    (the expression's last word), for the same image and expression."""
+    expression = "the cat on the left"
+    region = samples.Region((10.0, 20.0, 200.0, 150.0), [expression])
+    sample = samples.Sample(photo, "cat", Image.open(photo).size, regions=[region])
+    task = TaskConfig("refer", predictor.model.config.image_size, prompts=predictor.prompts, refer_text_loss=True)
+    example = ExampleBuilder(predictor.tokenizer, task)(sample)
+    batch = collate([example], predictor.tokenizer.pad_token_id)
+    model = predictor.model
+    with torch.no_grad():
+        images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
+        index = batch["prompt_image_index"]
+        visual = model.visual_tokens(images, index, batch["prompt_boxes"], batch["prompt_is_point"])
+        hidden, _ = model.language(visual, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        boxes = model.token_boxes(hidden[:, 1:], images, index)[0]
+    trained = batch["label_box_mask"][0, :-1].nonzero()[:, 0]
+    assert len(trained) == 1  # one located token per referring expression
+    encoded = predictor.encode(photo)
+    expected = encoded.transform.boxes_to_original(boxes[int(trained[0])].numpy())
+    assert encoded.locate(expression) == pytest.approx(expected.tolist(), abs=1e-2)
 
 
 def test_encode_once_prompt_many(predictor, photo):
     image = predictor.encode(photo)
     features = image.features.features.clone()
     image.caption(**DECODE)
-    image.locate("the cat", **DECODE)
+    image.locate("the cat")
     assert torch.equal(features, image.features.features)
 
 

@@ -89,8 +89,7 @@ def build_targets(
     """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``.
 
     ``refer_text_loss``: referring expressions also train the text (the official ref stage trains
-    the location only; with the text on, decoding reproduces the expression and ends where the box
-    was trained).
+    the location only; inference reads the expression teacher-forced either way).
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

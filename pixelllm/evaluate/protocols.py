@@ -8,9 +8,12 @@ masks ``(H, W)``), the frame of the readers, of ``pixelllm.tasks`` and of the me
   (teacher-forced, trace prompt on the whole image); each token's predicted point (its box center)
   is scored against the trace samples of the utterance the token is aligned to (the official
   alignment: 16 samples over the utterance's time window): ``TracePointL1``. The image's generated
-  caption (beam 4) is scored against its narratives' captions: ``CaptionMetrics``.
-- **refer**: every expression of every object: the box at the expression's last word (beam 3, at
-  most 40 tokens) against the object's box: ``ReferringLocalization`` (Precision@1).
+  caption (beam 4) is scored against its narratives' captions: ``CaptionMetrics``. On the shapes
+  world, ``WordGrounding`` scores both the generated caption's words and the narratives' own words
+  as read (``narrative_word_grounding``).
+- **refer**: every expression of every object: the box at the expression's last word, the
+  expression read teacher-forced (as the official RefCOCO inference does; nothing is decoded),
+  against the object's box: ``ReferringLocalization`` (Precision@1).
 - **refseg**: as refer, plus the mask against the object's mask: ``ReferringSegmentation`` (cIoU,
   gIoU) and the box's Precision@1.
 - **regioncap**: every region (object) of an image, its box as the location prompt (greedy, at
@@ -33,6 +36,7 @@ from pixelllm.data.coco import decode_segmentation
 from pixelllm.data.ln import align_official, utterance_samples
 from pixelllm.data.report import SkipReport
 from pixelllm.data.samples import Narrative, Sample
+from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
 from pixelllm.evaluate.base import Metric
 from pixelllm.evaluate.boxes import box_iou, clip_boxes, paired_box_iou
@@ -74,11 +78,12 @@ class TraceUnit:
 class TraceAnswer:
     """The image's generated caption (and its words with their points, when a model made it), and
     per narrative the predicted points of its tokens (``(T, 2)``, or ``(T, P, 2)`` for several
-    points per token)."""
+    points per token) and, from a model, the narrative's words with their points."""
 
     caption: str
     points: list[np.ndarray]
     words: list | None = None
+    narrative_words: list[list] | None = None
 
 
 @dataclass
@@ -194,8 +199,10 @@ class TraceProtocol(Protocol):
             raise InputError("trace evaluation needs a tokenizer (GroundTruthOracle(tokenizer)): it scores tokens")
         self.points = TracePointL1()
         self.captions = CaptionMetrics(self.meteor)
-        self.grounding = WordGrounding()  # fed where the scene's objects are known (shapes world)
-        self.metrics, self.primary = [self.points, self.captions, self.grounding], self.points
+        # fed where the scene's objects are known (shapes world)
+        self.grounding, self.narrative_grounding = WordGrounding(), WordGrounding("narrative_word_grounding")
+        self.metrics = [self.points, self.captions, self.grounding, self.narrative_grounding]
+        self.primary = self.points
 
     def units(self, sample: Sample, size: tuple[int, int]) -> list[TraceUnit]:
         return [self._unit(narrative, size) for narrative in sample.narratives]
@@ -215,10 +222,13 @@ class TraceProtocol(Protocol):
     def predict(self, predictor, encoded: list, images: list[EvalImage]) -> list[TraceAnswer]:
         captions = predictor.caption_batch(encoded)
         readers = [e for e, image in zip(encoded, images, strict=True) for _ in image.units]
-        boxes = predictor.token_boxes(readers, [unit.token_ids for image in images for unit in image.units])
+        ids = [unit.token_ids for image in images for unit in image.units]
+        boxes = predictor.token_boxes(readers, ids)
         centers = [(b[:, :2] + b[:, 2:]) / 2 for b in boxes]
-        return [TraceAnswer(c.text, points, c.words)
-                for c, points in zip(captions, _per_image(centers, images), strict=True)]
+        words = [words_from_ids(predictor.tokenizer, i, b) for i, b in zip(ids, boxes, strict=True)]
+        return [TraceAnswer(c.text, points, c.words, narrative_words)
+                for c, points, narrative_words in zip(captions, _per_image(centers, images),
+                                                      _per_image(words, images), strict=True)]
 
     def oracle(self, images: list[EvalImage]) -> list[TraceAnswer]:
         return [TraceAnswer(image.units[0].caption, [unit.points for unit in image.units]) for image in images]
@@ -227,9 +237,12 @@ class TraceProtocol(Protocol):
         records = []
         for image, answer in zip(images, answers, strict=True):
             self.captions.update([answer.caption], [[unit.caption for unit in image.units]])
-            if answer.words is not None and image.sample.regions:
-                objects = [(" ".join(region.texts), region.box) for region in image.sample.regions]
+            objects = [(" ".join(region.texts), region.box) for region in image.sample.regions]
+            if objects and answer.words is not None:
                 self.grounding.update(answer.words, objects)
+            if objects and answer.narrative_words is not None:
+                for words in answer.narrative_words:
+                    self.narrative_grounding.update(words, objects)
             for unit, points in zip(image.units, answer.points, strict=True):
                 batch = ([points], [unit.points], [unit.mask], [image.size])
                 self.points.update(*batch)

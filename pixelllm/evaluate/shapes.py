@@ -5,11 +5,13 @@ Two metrics, defined on the fixed vocabulary of ``docs/shapes_world.md`` (colors
 - ``ColorShapeAccuracy`` (region captions): a caption is right when its color and shape words are
   exactly those of a reference (``"small red circle"`` vs ``"a red circle"``: right; ``"red square"``:
   wrong). References without a color or shape word are not counted.
-- ``WordGrounding`` (traced captions): every color or shape word of a generated caption belongs to
-  a mention (``[size] color shape``, e.g. "a large red circle"); the objects of the scene that
-  match the mention are the ones it names; the word is grounded when its predicted point lies in
-  the box of one of them. A mention that matches no object (a wrong color, a made-up shape)
-  counts all its words as missed. Result: the fraction of grounded words.
+- ``WordGrounding`` (traced captions): every color or shape word of a caption belongs to a mention
+  (``[size] color shape``, e.g. "a large red circle"); the objects of the scene that match the
+  mention are the ones it names; the word is grounded when its predicted point lies in the box of
+  one of them. A mention that matches no object (a wrong color, a made-up shape) counts all its
+  words as missed. Result: the fraction of grounded words, as ``word_grounding`` for the captions
+  the model generates and ``narrative_word_grounding`` for the ground-truth narratives read
+  teacher-forced (where every mention names a real object, so it measures the pointing alone).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def matches(attributes: dict[str, str], phrase: str) -> bool:
 
 
 # The shapes-world scores a report shows beside the protocol's own, where the data gives them.
-SHAPES_METRICS = ("color_shape_accuracy", "word_grounding")
+SHAPES_METRICS = ("color_shape_accuracy", "word_grounding", "narrative_word_grounding")
 
 
 class ColorShapeAccuracy(Metric):
@@ -83,7 +85,12 @@ class ColorShapeAccuracy(Metric):
 
 
 class WordGrounding(Metric):
-    """Percent of generated color and shape words whose point is in the box of an object they name."""
+    """Percent of color and shape words whose point is in the box of an object they name, reported
+    under ``key``."""
+
+    def __init__(self, key: str = "word_grounding") -> None:
+        self.key = key
+        super().__init__()
 
     def _clear(self) -> None:
         self.grounded = 0
@@ -101,4 +108,4 @@ class WordGrounding(Metric):
 
     def _values(self) -> dict[str, float]:
         total = self.counts["num_samples"]
-        return {"word_grounding": 100.0 * self.grounded / total if total else float("nan")}
+        return {self.key: 100.0 * self.grounded / total if total else float("nan")}

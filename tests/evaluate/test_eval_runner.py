@@ -78,6 +78,7 @@ def test_a_random_model_gives_low_but_valid_numbers(task, split, predictor, mete
     if task == "trace":
         assert 0.0 < result.metrics["point_l1"] <= 1.0
         assert 0.0 <= result.metrics["CIDEr"] <= 1000.0
+        assert 0.0 <= result.metrics["narrative_word_grounding"] < 50.0  # the narratives' own words, read
     if task in ("refer", "refseg"):
         assert result.metrics["precision@1"] < 50.0
     if task == "refseg":

@@ -37,8 +37,11 @@ def test_word_grounding_by_hand():
     words = [_word("a", 0, 0), _word("red", 45, 5), _word("circle,", 5, 5),  # both red circles count
              _word("a", 0, 0), _word("blue", 25, 25), _word("star", 5, 25),  # star's point outside
              _word("a", 0, 0), _word("green", 1, 1), _word("square", 1, 1)]  # no green square at all
-    metric = WordGrounding()
+    metric, named = WordGrounding(), WordGrounding("narrative_word_grounding")
     metric.update(words, objects)
+    named.update(words, objects)
     values = metric.compute()
     assert values["num_samples"] == 6
     assert math.isclose(values["word_grounding"], 100 * 3 / 6)
+    assert named.compute()["narrative_word_grounding"] == values["word_grounding"]
+    assert "word_grounding" not in named.compute()
