@@ -225,10 +225,13 @@ class TraceProtocol(Protocol):
         ids = [unit.token_ids for image in images for unit in image.units]
         boxes = predictor.token_boxes(readers, ids)
         centers = [(b[:, :2] + b[:, 2:]) / 2 for b in boxes]
-        words = [words_from_ids(predictor.tokenizer, i, b) for i, b in zip(ids, boxes, strict=True)]
-        return [TraceAnswer(c.text, points, c.words, narrative_words)
-                for c, points, narrative_words in zip(captions, _per_image(centers, images),
-                                                      _per_image(words, images), strict=True)]
+        read = _per_image(list(zip(ids, boxes, strict=True)), images)
+        # the narratives' words only feed word grounding, which needs the scene's objects
+        return [TraceAnswer(c.text, points, c.words,
+                            [words_from_ids(predictor.tokenizer, i, b) for i, b in narratives]
+                            if image.sample.regions else None)
+                for c, points, narratives, image in zip(captions, _per_image(centers, images), read, images,
+                                                        strict=True)]
 
     def oracle(self, images: list[EvalImage]) -> list[TraceAnswer]:
         return [TraceAnswer(image.units[0].caption, [unit.points for unit in image.units]) for image in images]
