@@ -1,0 +1,128 @@
+"""Training-step speed, measured side by side in one run on the recipe of the embedded default.
+
+    python benchmarks/training.py [--config configs/shapes_tiny.yaml] [--images 64] [--repeats 20]
+
+Batches are the config's task mixture (every task present from step 0) drawn from a small shapes
+world generated into a temporary directory; the model is the config's preset with random weights.
+Each ratio times its two contenders alternately over the same batches and compares medians, so a
+busy machine slows both alike. Results go to RESULTS.md by hand.
+
+7. A training step (forward + backward) with the semantic tower compiled by ``torch.compile`` vs
+   eager (speed-up; compilation itself is excluded and printed apart).
+8. Building a batch (read, augment, targets, collate) vs its forward + backward (time ratio): the
+   share that a data-loading worker could overlap.
+
+Also printed: each top-level module's share of the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from pixelllm.data.collate import collate
+from pixelllm.data.synthetic import generate
+from pixelllm.train import MixtureBatches, MixtureDataset, TrainConfig, _setup, setup_runtime
+
+
+def mixed_batches(config: TrainConfig, data: Path, count: int):
+    """``count`` address lists of the config's mixture over ``data``, the dataset and the builders."""
+    datasets = [dataclasses.replace(d, data=str(data), start=0) for d in config.datasets]
+    config = dataclasses.replace(config, datasets=datasets)
+    runtime = setup_runtime(config)
+    tokenizer, sources, model = _setup(config, data, runtime, None)
+    sampler = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in datasets], [0] * len(datasets),
+                             config.batch_size, 1, runtime, config.seed, 0, count)
+    return list(sampler), MixtureDataset(sources), tokenizer, model
+
+
+def step_time(model: torch.nn.Module, batch: dict) -> float:
+    """Seconds of one forward + backward (gradients cleared after)."""
+    start = time.perf_counter()
+    model(batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def compare_compiled(model: torch.nn.Module, batches: list[dict]) -> None:
+    """Row 7: steps with the semantic tower compiled and eager, alternately over the same batches."""
+    for batch in batches[:3]:  # warm-up
+        step_time(model, batch)
+    eager_tower = model.vision.semantic
+    compiled_tower = torch.compile(eager_tower)
+    model.vision.semantic = compiled_tower
+    print(f"torch.compile of the semantic tower: {step_time(model, batches[0]):.1f} s the first step")
+    times = {eager_tower: [], compiled_tower: []}
+    for batch in batches:
+        for tower in times:
+            model.vision.semantic = tower
+            times[tower].append(step_time(model, batch))
+    model.vision.semantic = eager_tower
+    eager, compiled = statistics.median(times[eager_tower]), statistics.median(times[compiled_tower])
+    print(f"7. training step, compiled semantic tower vs eager: eager {eager:.3f} s, compiled {compiled:.3f} s, "
+          f"speed-up {eager / compiled:.2f}")
+
+
+def forward_shares(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+    """Each top-level module's share of the forward time over ``batches``."""
+    spent, starts = defaultdict(float), {}
+    hooks = []
+    for name, module in model.named_children():
+        hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: starts.__setitem__(n, time.perf_counter())))
+        hooks.append(module.register_forward_hook(
+            lambda m, i, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - starts[n])))
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            start = time.perf_counter()
+            model(batch)
+            total += time.perf_counter() - start
+    for hook in hooks:
+        hook.remove()
+    return {name: value / total for name, value in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/shapes_tiny.yaml")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    config = TrainConfig.load(args.config)
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:  # the builders read the images from here
+        generate(tmp, args.images, seed=0, progress=False)
+        addresses, dataset, tokenizer, model = mixed_batches(config, Path(tmp), args.repeats)
+
+        def build(address):
+            return collate([dataset[a] for a in address], tokenizer.pad_token_id)
+
+        batches = [build(a) for a in addresses]
+        model.train()
+        print(f"config {args.config}, batch {config.batch_size}, {torch.get_num_threads()} threads, "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+        compare_compiled(model, batches)
+        built, stepped = [], []
+        for address in addresses:
+            start = time.perf_counter()
+            batch = build(address)
+            built.append(time.perf_counter() - start)
+            stepped.append(step_time(model, batch))
+    b, s = statistics.median(built), statistics.median(stepped)
+    print(f"8. building a batch vs its forward + backward: build {b:.3f} s, step {s:.3f} s, ratio {b / s:.2f}")
+
+    shares = forward_shares(model, batches)
+    print("forward shares: " + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
+
+
+if __name__ == "__main__":
+    main()
