@@ -34,11 +34,12 @@ from pixelllm.train import MixtureBatches, MixtureDataset, TrainConfig, _setup, 
 
 
 def mixed_batches(config: TrainConfig, data: Path, count: int):
-    """``count`` address lists of the config's mixture over ``data``, the dataset and the builders."""
+    """``count`` micro-batches of the config's mixture over ``data``, as address lists, with the
+    dataset they address, the tokenizer trained on ``data`` and the config's model (random weights)."""
     datasets = [dataclasses.replace(d, data=str(data), start=0) for d in config.datasets]
     config = dataclasses.replace(config, datasets=datasets)
     runtime = setup_runtime(config)
-    tokenizer, sources, model = _setup(config, data, runtime, None)
+    tokenizer, sources, model = _setup(config, None)
     sampler = MixtureBatches([len(s) for s, _ in sources], [d.weight for d in datasets], [0] * len(datasets),
                              config.batch_size, 1, runtime, config.seed, 0, count)
     return list(sampler), MixtureDataset(sources), tokenizer, model

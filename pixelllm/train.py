@@ -409,7 +409,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     checkpoint = out / "last"
     if resume and not (checkpoint / STATE_JSON).is_file():
         raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
-    tokenizer, sources, model = _setup(config, out, runtime, checkpoint if resume else None)
+    tokenizer, sources, model = _setup(config, checkpoint if resume else None)
     model.to(runtime.device).train()
     wrapped = wrap_model(model, config, runtime)  # FSDP shards the model in place: before the optimizer
     optimizer = make_optimizer(model, config.optim)
@@ -458,7 +458,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     return last
 
 
-def _setup(config: TrainConfig, out: Path, runtime: Runtime, resume_from: Path | None):
+def _setup(config: TrainConfig, resume_from: Path | None):
     if resume_from is not None:
         model = PixelLLM.from_pretrained(resume_from)
         tokenizer = model.tokenizer
