@@ -11,6 +11,9 @@ busy machine slows both alike. Results go to RESULTS.md by hand.
    eager (speed-up; compilation itself is excluded and printed apart).
 8. Building a batch (read, augment, targets, collate) vs its forward + backward (time ratio): the
    share that a data-loading worker could overlap.
+9. Only where a CUDA GPU is present: a bf16 training step on a batch whose shapes the process has not
+   seen before, with cuDNN's attention kernels allowed vs not (speed-down of allowing them; the
+   training loop turns them off).
 
 Also printed: each top-level module's share of the forward pass.
 """
@@ -46,10 +49,17 @@ def mixed_batches(config: TrainConfig, data: Path, count: int):
 
 
 def step_time(model: torch.nn.Module, batch: dict) -> float:
-    """Seconds of one forward + backward (gradients cleared after)."""
+    """Seconds of one forward + backward (gradients cleared after), bf16 autocast on a GPU."""
+    cuda = batch["pixel_values"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    model(batch).loss.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss = model(batch).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -70,6 +80,22 @@ def compare_compiled(model: torch.nn.Module, batches: list[dict]) -> None:
     eager, compiled = statistics.median(times[eager_tower]), statistics.median(times[compiled_tower])
     print(f"7. training step, compiled semantic tower vs eager: eager {eager:.3f} s, compiled {compiled:.3f} s, "
           f"speed-up {eager / compiled:.2f}")
+
+
+def compare_cudnn_attention(model: torch.nn.Module, batches: list[dict]) -> None:
+    """Row 9: first steps on new batch shapes with cuDNN attention allowed and not, alternately."""
+    model.cuda()
+    batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    step_time(model, batches[0])  # warm-up
+    times = {True: [], False: []}
+    for i, batch in enumerate(batches[1:]):
+        allowed = i % 2 == 0
+        torch.backends.cuda.enable_cudnn_sdp(allowed)
+        times[allowed].append(step_time(model, batch))
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    print(f"9. training step on new shapes ({torch.cuda.get_device_name()}), cuDNN attention allowed vs not: "
+          f"allowed {on:.3f} s, not {off:.3f} s, ratio {on / off:.2f}")
 
 
 def forward_shares(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
@@ -123,6 +149,8 @@ def main() -> None:
 
     shares = forward_shares(model, batches)
     print("forward shares: " + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
+    if torch.cuda.is_available():
+        compare_cudnn_attention(model, batches)
 
 
 if __name__ == "__main__":

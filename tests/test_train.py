@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pixelllm.errors import ConfigError
-from pixelllm.train import MixtureBatches, Runtime, TrainConfig, train
+from pixelllm.train import MixtureBatches, Runtime, TrainConfig, setup_runtime, train
 
 TASKS = ["trace", "refer", "refseg", "region", "densecap"]
 
@@ -122,6 +122,16 @@ def test_datasets_join_at_their_start_step():
                              start=0, steps=6)
     used = [{address[0] for address in batch} for batch in batches]
     assert used[:3] == [{0}, {0}, {0}] and all(u == {0, 1} for u in used[3:])
+
+
+def test_the_runtime_turns_off_cudnn_attention():
+    # cuDNN plans attention per shape, and training batches change shape every step (benchmarks/RESULTS.md).
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        assert setup_runtime(TrainConfig()).world == 1
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def test_config_errors(tmp_path, shapes):
