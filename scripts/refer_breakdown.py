@@ -10,7 +10,8 @@ prints a markdown report:
   first color + shape alone already names one object of the scene);
 - Precision@1 by the size of the object referred to (its region phrase's size word);
 - each miss by the object its box overlaps most (IoU >= 0.5): the relation's anchor (the second
-  object named), another object, or no object.
+  object named), another object (named by the attributes of the expression's first object that it
+  does not share: "other shape", "other color and shape", ..., or "same description"), or no object.
 
 Usage: python scripts/refer_breakdown.py PER_SAMPLE_JSONL DATA_DIR
 """
@@ -46,15 +47,18 @@ def form(query: str, objects: list[tuple[str, list[float]]]) -> str:
 
 
 def landed_on(record: dict, objects: list[tuple[str, list[float]]]) -> str:
-    """What a missed box overlaps most: the anchor of a relation, another object, or nothing."""
+    """What a missed box overlaps most: the anchor of a relation, another object (with the
+    attributes it does not share with the expression's first object), or nothing."""
     ious = box_iou(np.array([record["prediction"]]), np.array([box for _, box in objects]))[0]
     best = int(ious.argmax())
     if ious[best] < 0.5:
         return "no object"
     said = mentions(lower_words(record["query"]))
-    if len(said) > 1 and matches(said[1][1], objects[best][0]):
+    phrase = objects[best][0]
+    if len(said) > 1 and matches(said[1][1], phrase):
         return "the relation's anchor"
-    return "another object"
+    differ = [kind for kind, value in said[0][1].items() if not matches({kind: value}, phrase)]
+    return f"another object, other {' and '.join(differ)}" if differ else "another object, same description"
 
 
 def breakdown(records: list[dict], objects: dict[str, list[tuple[str, list[float]]]]) -> dict[str, Counter]:
