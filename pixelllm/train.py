@@ -196,8 +196,8 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     if config.threads:
         torch.set_num_threads(config.threads)
     # Every batch has its own text lengths and prompt counts, and cuDNN's attention builds a plan for
-    # each new shape (a step on a shape not seen before took 4.5x as long on an H100); the flash and
-    # memory-efficient kernels need no plan.
+    # each new shape (a step on shapes not seen before took 6.6x as long on an H100, benchmarks/
+    # RESULTS.md); the flash and memory-efficient kernels need no plan.
     torch.backends.cuda.enable_cudnn_sdp(False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
