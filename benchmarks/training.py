@@ -33,7 +33,7 @@ import torch
 
 from pixelllm.data.collate import collate
 from pixelllm.data.synthetic import generate
-from pixelllm.train import MixtureBatches, MixtureDataset, TrainConfig, _setup, setup_runtime
+from pixelllm.train import MixtureBatches, MixtureDataset, TrainConfig, _setup, _to_device, setup_runtime
 
 
 def mixed_batches(config: TrainConfig, data: Path, count: int):
@@ -85,7 +85,7 @@ def compare_compiled(model: torch.nn.Module, batches: list[dict]) -> None:
 def compare_cudnn_attention(model: torch.nn.Module, batches: list[dict]) -> None:
     """Row 9: first steps on new batch shapes with cuDNN attention allowed and not, alternately."""
     model.cuda()
-    batches = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    batches = [_to_device(batch, torch.device("cuda")) for batch in batches]
     step_time(model, batches[0])  # warm-up
     times = {True: [], False: []}
     for i, batch in enumerate(batches[1:]):
