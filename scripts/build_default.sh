@@ -2,7 +2,8 @@
 # Rebuild the embedded default from scratch and measure it, as docs/model_card.md reports:
 #   1. train the tiny preset on the shapes world (the data is generated first),
 #   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
-#      break referring localization down by expression form and object size,
+#      break referring localization down by expression form and object size, and probe how much
+#      of each object's shape the image features carry,
 #   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ for task in refer refseg regioncap densecap trace; do
     --report "$run/eval/$task.md" --per-sample "$run/eval/$task.jsonl" | tee "$run/eval/$task.json"
 done
 python scripts/refer_breakdown.py "$run/eval/refer.jsonl" "$test_split" | tee "$run/eval/refer_breakdown.md"
+python scripts/shape_probe.py "$run/last" "$run/data/train" "$test_split" | tee "$run/eval/shape_probe.md"
 
 mkdir -p pixelllm/assets/default
 cp "$run"/last/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} pixelllm/assets/default/

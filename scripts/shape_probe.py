@@ -1,0 +1,113 @@
+"""How much of an object's shape a checkpoint's image features carry: a linear probe.
+
+For every object of a shapes-world split (its Visual Genome region), the feature map of
+``PixelLLM.encode_images`` (``(C, G, G)`` on the canvas) is pooled over the cells whose centers lie
+in the object's canvas box (the cell of its center when none does), as the mean and the max of each
+channel. A linear classifier of the shape word is trained on the objects of TRAIN_DIR and scored on
+those of TEST_DIR, on all channels and on each tower's own (SAM, semantic), split by the object's
+longest side on the canvas. A probe well below the region captions' target says the towers, not
+the extractor or the language model, lose the shape.
+
+Usage: python scripts/shape_probe.py MODEL TRAIN_DIR TEST_DIR [IMAGES_PER_SPLIT]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import pixelllm
+from pixelllm.data.shapes.vocab import SHAPES
+from pixelllm.data.sources import open_source
+from pixelllm.evaluate.shapes import lower_words
+
+LARGE_ON_CANVAS = 25.0  # pixels of the longest side; below it hexagons and circles differ by about a pixel
+
+
+def pooled_cells(features: torch.Tensor, box: list[float]) -> torch.Tensor:
+    """``(C, G, G)`` features and a box ``[x0, y0, x1, y1]`` in cell units of the canvas -> ``(2C,)``:
+    the mean and the max over the cells whose centers lie in the box."""
+    grid = features.shape[-1]
+    centers = torch.arange(grid) + 0.5
+    x0, y0, x1, y1 = box
+
+    def inside(low: float, high: float) -> torch.Tensor:
+        keep = (centers >= low) & (centers <= high)
+        if not keep.any():
+            keep[min(max(int((low + high) / 2), 0), grid - 1)] = True
+        return keep
+
+    cells = features[:, inside(y0, y1)][:, :, inside(x0, x1)].flatten(1)
+    return torch.cat([cells.mean(1), cells.amax(1)])
+
+
+@torch.no_grad()
+def object_features(predictor, data: str, limit: int, batch: int = 16):
+    """Pooled features ``(N, 2C)``, shape indices ``(N,)`` and canvas sizes ``(N,)`` of the objects
+    of the first ``limit`` images of ``data``."""
+    samples = list(open_source("regioncap", data).reader)[:limit]
+    rows, labels, sizes = [], [], []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        for sample, encoded in zip(chunk, predictor.encode_batch([s.image for s in chunk]), strict=True):
+            features = encoded.features.features[0].float()
+            cell = predictor.model.config.image_size / features.shape[-1]
+            for region in sample.regions:
+                shape = next((w for w in lower_words(" ".join(region.texts)) if w in SHAPES), None)
+                if shape is None:
+                    continue
+                box = [v * encoded.transform.scale / cell for v in region.box]  # in cells
+                rows.append(pooled_cells(features, box))
+                labels.append(SHAPES.index(shape))
+                sizes.append(max(box[2] - box[0], box[3] - box[1]) * cell)
+    return torch.stack(rows), torch.tensor(labels), torch.tensor(sizes)
+
+
+def probe_accuracy(train: tuple, test: tuple, columns: torch.Tensor, steps: int = 500) -> torch.Tensor:
+    """Train a linear shape classifier on ``train[0][:, columns]``; 1.0 / 0.0 per test object."""
+    x, y = train[0][:, columns], train[1]
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(x.shape[1], len(SHAPES))
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.01)
+        linear.bias.zero_()
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(linear((x - mean) / std), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (linear((test[0][:, columns] - mean) / std).argmax(1) == test[1]).float()
+
+
+def report(predictor, train: tuple, test: tuple) -> str:
+    channels = train[0].shape[1] // 2
+    sam = torch.arange(predictor.model.vision.sam_channels)
+    towers = {"all": torch.arange(channels), "SAM": sam, "semantic": torch.arange(len(sam), channels)}
+    large = test[2] >= LARGE_ON_CANVAS
+    lines = [f"{len(train[1])} training objects, {len(test[1])} test objects, chance {100 / len(SHAPES):.1f} %", "",
+             "| channels | shape right | longest side >= 25 px | < 25 px |", "| --- | ---: | ---: | ---: |"]
+    for name, columns in towers.items():
+        right = probe_accuracy(train, test, torch.cat([columns, columns + channels]))
+        lines.append(f"| {name} ({len(columns)}) | {100 * right.mean():.1f} % | {100 * right[large].mean():.1f} % "
+                     f"| {100 * right[~large].mean():.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (3, 4):
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    limit = int(argv[3]) if len(argv) == 4 else 1500
+    predictor = pixelllm.load(argv[0])
+    train = object_features(predictor, argv[1], limit)
+    test = object_features(predictor, argv[2], limit)
+    print(report(predictor, train, test))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
