@@ -23,7 +23,7 @@ from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
 from pixelllm.evaluate.shapes import lower_words
 
-LARGE_ON_CANVAS = 25.0  # pixels of the longest side; below it hexagons and circles differ by about a pixel
+LARGE_ON_CANVAS = 25.0  # longest side on the canvas, in pixels, that splits the report into large and small
 
 
 def pooled_cells(features: torch.Tensor, box: list[float]) -> torch.Tensor:
