@@ -58,7 +58,7 @@ def object_features(predictor, data: str, limit: int, batch: int = 16):
                 shape = next((w for w in lower_words(" ".join(region.texts)) if w in SHAPES), None)
                 if shape is None:
                     continue
-                box = [v * encoded.transform.scale / cell for v in region.box]  # in cells
+                box = (encoded.transform.boxes_to_canvas(region.box) / cell).tolist()  # in cells
                 rows.append(pooled_cells(features, box))
                 labels.append(SHAPES.index(shape))
                 sizes.append(max(box[2] - box[0], box[3] - box[1]) * cell)

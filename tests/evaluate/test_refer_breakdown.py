@@ -18,19 +18,23 @@ from pixelllm.evaluate.runner import GroundTruthOracle, evaluate
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _box(region: dict) -> list[float]:
+    """A Visual Genome region's ``[x0, y0, x1, y1]``."""
+    return [region["x"], region["y"], region["x"] + region["width"], region["y"] + region["height"]]
+
+
 def _anchor_box(query: str, regions: list[dict]) -> list[float]:
     """The box of the object named after the relation (its color and shape words)."""
     relation = next(r for r in RELATIONS if f" {r} " in query)
     color, shape = query.split(f" {relation} ")[1].split()[-2:]
-    region = next(r for r in regions if {color, shape} <= set(r["phrase"].split()))
-    return [region["x"], region["y"], region["x"] + region["width"], region["y"] + region["height"]]
+    return _box(next(r for r in regions if {color, shape} <= set(r["phrase"].split())))
 
 
 def _same_color_other_shape(query: str, regions: list[dict]) -> list[float] | None:
     """The box of an object with the color of a plain "the {color} {shape}" but another shape."""
     color, shape = query.split()[-2:]
     region = next((r for r in regions if color in r["phrase"].split() and shape not in r["phrase"].split()), None)
-    return region and [region["x"], region["y"], region["x"] + region["width"], region["y"] + region["height"]]
+    return region and _box(region)
 
 
 def test_breakdown_counts_forms_and_where_misses_land(tmp_path):
