@@ -116,6 +116,8 @@ class PixelLLMConfig:
     # code) or "target" (the ground-truth box, which lets a model trained from scratch learn masks
     # before its boxes are good).
     mask_prompt_box: str = "predicted"
+    # > 0: the box word head's loss (model/words.py) at this weight; 0 (the official design): no head.
+    word_loss_weight: float = 0.0
     max_text_tokens: int = 128
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
@@ -184,6 +186,8 @@ class PixelLLMConfig:
             raise ConfigError(f"location_average must be 'token' or 'prompt', got {self.location_average!r}")
         if self.mask_prompt_box not in ("predicted", "target"):
             raise ConfigError(f"mask_prompt_box must be 'predicted' or 'target', got {self.mask_prompt_box!r}")
+        if self.word_loss_weight < 0:
+            raise ConfigError(f"word_loss_weight must be >= 0, got {self.word_loss_weight}")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")

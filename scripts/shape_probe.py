@@ -2,11 +2,11 @@
 
 For every object of a shapes-world split (its Visual Genome region), the feature map of
 ``PixelLLM.encode_images`` (``(C, G, G)`` on the canvas) is pooled over the cells whose centers lie
-in the object's canvas box (the cell of its center when none does), as the mean and the max of each
-channel. A linear classifier of the shape word is trained on the objects of TRAIN_DIR and scored on
-those of TEST_DIR, on all channels and on each tower's own (SAM, semantic), split by the object's
-longest side on the canvas. A probe well below the region captions' target says the towers, not
-the extractor or the language model, lose the shape.
+in the object's canvas box (``pixelllm.model.words.pool_boxes``: the mean and the max of each
+channel, as the box word head pools them). A linear classifier of the shape word is trained on
+the objects of TRAIN_DIR and scored on those of TEST_DIR, on all channels and on each tower's own
+(SAM, semantic), split by the object's longest side on the canvas. A probe well below the region
+captions' target says the towers, not the extractor or the language model, lose the shape.
 
 Usage: python scripts/shape_probe.py MODEL TRAIN_DIR TEST_DIR [IMAGES_PER_SPLIT]
 """
@@ -22,25 +22,9 @@ import pixelllm
 from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
 from pixelllm.evaluate.shapes import lower_words
+from pixelllm.model.words import pool_boxes
 
 LARGE_ON_CANVAS = 25.0  # longest side on the canvas, in pixels, that splits the report into large and small
-
-
-def pooled_cells(features: torch.Tensor, box: list[float]) -> torch.Tensor:
-    """``(C, G, G)`` features and a box ``[x0, y0, x1, y1]`` in cell units of the canvas -> ``(2C,)``:
-    the mean and the max over the cells whose centers lie in the box."""
-    grid = features.shape[-1]
-    centers = torch.arange(grid) + 0.5
-    x0, y0, x1, y1 = box
-
-    def inside(low: float, high: float) -> torch.Tensor:
-        keep = (centers >= low) & (centers <= high)
-        if not keep.any():
-            keep[min(max(int((low + high) / 2), 0), grid - 1)] = True
-        return keep
-
-    cells = features[:, inside(y0, y1)][:, :, inside(x0, x1)].flatten(1)
-    return torch.cat([cells.mean(1), cells.amax(1)])
 
 
 @torch.no_grad()
@@ -52,17 +36,18 @@ def object_features(predictor, data: str, limit: int, batch: int = 16):
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         for sample, encoded in zip(chunk, predictor.encode_batch([s.image for s in chunk]), strict=True):
-            features = encoded.features.features[0].float()
+            features = encoded.features.features.float()
             cell = predictor.model.config.image_size / features.shape[-1]
-            for region in sample.regions:
-                shape = next((w for w in lower_words(" ".join(region.texts)) if w in SHAPES), None)
-                if shape is None:
-                    continue
-                box = (encoded.transform.boxes_to_canvas(region.box) / cell).tolist()  # in cells
-                rows.append(pooled_cells(features, box))
-                labels.append(SHAPES.index(shape))
-                sizes.append(max(box[2] - box[0], box[3] - box[1]) * cell)
-    return torch.stack(rows), torch.tensor(labels), torch.tensor(sizes)
+            shapes = [next((w for w in lower_words(" ".join(r.texts)) if w in SHAPES), None) for r in sample.regions]
+            named = [(region, shape) for region, shape in zip(sample.regions, shapes, strict=True) if shape]
+            if not named:
+                continue
+            canvas = encoded.transform.boxes_to_canvas([region.box for region, _ in named])
+            boxes = torch.as_tensor(canvas / cell, dtype=torch.float32)  # (K, 4) in cells
+            rows.append(pool_boxes(features, torch.zeros(len(boxes), dtype=torch.long), boxes))
+            labels += [SHAPES.index(shape) for _, shape in named]
+            sizes.append((boxes[:, 2:] - boxes[:, :2]).amax(1) * cell)
+    return torch.cat(rows), torch.tensor(labels), torch.cat(sizes)
 
 
 def probe_accuracy(train: tuple, test: tuple, columns: torch.Tensor, steps: int = 500) -> torch.Tensor:

@@ -36,6 +36,7 @@ from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import ProposalHead
 from pixelllm.model.vision import DualImageEncoder
+from pixelllm.model.words import BoxWordHead
 
 VISION_TOWERS = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
                  "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
@@ -75,7 +76,10 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     adapter = MaskAdapter(config.mask_head, language.hidden_size, prompt_encoder.dim)
     masks = MaskHead(sam.mask_decoder, adapter, frozen=config.freeze_sam)
     proposals = ProposalHead(config.proposal_head, vision.out_channels, config.image_size)
-    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, tokenizer=tokenizer)
+    semantic_channels = vision.out_channels - vision.sam_channels
+    words = BoxWordHead(semantic_channels, lm.config.vocab_size) if config.word_loss_weight > 0 else None
+    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
+                    tokenizer=tokenizer)
 
 
 def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:

@@ -21,6 +21,7 @@ from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead
 from pixelllm.model.vision import DualImageEncoder
+from pixelllm.model.words import BoxWordHead, box_word_loss
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -63,16 +64,18 @@ class PixelLLM(nn.Module):
     Receives its parts (see ``pixelllm.model.build`` for the builders):
     ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
     ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
-    ``proposal_head`` (dense captioning's detector); and the tokenizer of the LM.
+    ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``);
+    and the tokenizer of the LM.
     """
 
     LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
-                  "detection_box")
+                  "detection_box", "words")
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel,
                  location_head: LocationHead | PointerLocationHead,
-                 mask_head: MaskHead, proposal_head: ProposalHead, tokenizer=None):
+                 mask_head: MaskHead, proposal_head: ProposalHead, word_head: BoxWordHead | None = None,
+                 tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -82,6 +85,7 @@ class PixelLLM(nn.Module):
         self.location_head = location_head
         self.mask_head = mask_head
         self.proposal_head = proposal_head
+        self.word_head = word_head
         self.tokenizer = tokenizer
 
     @property
@@ -117,11 +121,10 @@ class PixelLLM(nn.Module):
     def _extract(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                  is_point: torch.Tensor) -> torch.Tensor:
         grid = images.features.shape[-1]
-        point_boxes = torch.where(is_point[:, None], boxes[:, :2].repeat(1, 2), boxes)
         return self.extractor(
             images.features, image_index, self.prompt_encoder(boxes, is_point),
             self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
-            point_boxes, self.config.image_size,
+            _points_as_boxes(boxes, is_point), self.config.image_size,
         )
 
     def location_cells(self, images: ImageFeatures):
@@ -184,6 +187,9 @@ class PixelLLM(nn.Module):
         if cell_logits is not None:
             losses["selection"] = cell_cross_entropy(cell_logits, *located, self.config.image_size, per_prompt)
             loss = loss + self.config.location_head.selection_weight * losses["selection"]
+        if self.word_head is not None:
+            losses["words"] = self._word_loss(batch, images)
+            loss = loss + self.config.word_loss_weight * losses["words"]
         has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
         if has_masks or all_heads:
             terms = self._mask_losses(batch, images, visual, hidden, token_boxes)
@@ -201,6 +207,17 @@ class PixelLLM(nn.Module):
             loss = loss + HEATMAP_LOSS_WEIGHT * detection["heatmap"] + BOX_LOSS_WEIGHT * detection["box"]
             losses.update({f"detection_{name}": value for name, value in detection.items()} if has_boxes else {})
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
+
+    def _word_loss(self, batch: dict, images: ImageFeatures) -> torch.Tensor:
+        """The box word head's loss on the captions of a box: prompts with a text target and no
+        location target (region and dense captions), on the semantic tower's channels only (SAM's
+        feed the mask decoder). Trained on every prompt and all channels, it cost masks more
+        (docs/model_card.md, stop 16)."""
+        boxes = _points_as_boxes(batch["prompt_boxes"], batch["prompt_is_point"])
+        semantic = images.features[:, self.vision.sam_channels:]
+        logits = self.word_head(semantic, batch["prompt_image_index"], boxes, self.config.image_size)
+        gate = batch["caption_weight"] * (batch["location_weight"] == 0)
+        return box_word_loss(logits, batch["labels"], gate, self.language.eos_token_id)
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
         """The mask loss of the prompts that have a mask target, prompted with the box at the last
@@ -284,6 +301,11 @@ class PixelLLM(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+
+def _points_as_boxes(boxes: torch.Tensor, is_point: torch.Tensor) -> torch.Tensor:
+    """``(N, 4)`` prompt boxes with each point prompt ``(x0, y0)`` as the empty box ``(x0, y0, x0, y0)``."""
+    return torch.where(is_point[:, None], boxes[:, :2].repeat(1, 2), boxes)
 
 
 def _load_tokenizer(directory: Path):
