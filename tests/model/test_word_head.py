@@ -3,10 +3,12 @@ it learns to name what a box holds on maps it has not seen."""
 
 import math
 
+import pytest
 import torch
 from helpers import make_batch, tiny_config, tokenizer
 
 from pixelllm.config import PixelLLMConfig
+from pixelllm.errors import ConfigError
 from pixelllm.model.build import build_model
 from pixelllm.model.words import BoxWordHead, box_word_loss, pool_boxes
 
@@ -38,6 +40,13 @@ def test_loss_by_hand():
     # The gated-off prompt's words change nothing.
     labels[2, 0] = 9
     assert math.isclose(box_word_loss(logits, labels, weight, eos).item(), loss.item(), rel_tol=1e-6)
+
+
+def test_a_negative_weight_is_refused():
+    data = tiny_config().to_dict()
+    data["word_loss_weight"] = -0.5
+    with pytest.raises(ConfigError, match="word_loss_weight"):
+        PixelLLMConfig.from_dict(data)
 
 
 def _word_model(weight: float):
