@@ -213,11 +213,12 @@ class PixelLLM(nn.Module):
         location target (region and dense captions), on the semantic tower's channels only (SAM's
         feed the mask decoder). Trained on every prompt and all channels, it cost masks more
         (docs/model_card.md, stop 16)."""
-        boxes = _points_as_boxes(batch["prompt_boxes"], batch["prompt_is_point"])
-        semantic = images.features[:, self.vision.sam_channels:]
-        logits = self.word_head(semantic, batch["prompt_image_index"], boxes, self.config.image_size)
         gate = batch["caption_weight"] * (batch["location_weight"] == 0)
-        return box_word_loss(logits, batch["labels"], gate, self.language.eos_token_id)
+        rows = (gate > 0).nonzero()[:, 0]  # pool only the prompts the loss counts
+        boxes = _points_as_boxes(batch["prompt_boxes"][rows], batch["prompt_is_point"][rows])
+        semantic = images.features[:, self.vision.sam_channels:]
+        logits = self.word_head(semantic, batch["prompt_image_index"][rows], boxes, self.config.image_size)
+        return box_word_loss(logits, batch["labels"][rows], gate[rows], self.language.eos_token_id)
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
         """The mask loss of the prompts that have a mask target, prompted with the box at the last
