@@ -14,6 +14,8 @@ busy machine slows both alike. Results go to RESULTS.md by hand.
 9. Only where a CUDA GPU is present: a bf16 training step on a batch whose shapes the process has not
    seen before, with cuDNN's attention kernels allowed vs not (speed-down of allowing them; the
    training loop turns them off).
+10. A training step with PyTorch's default choice of attention kernel (flash where it applies) vs
+    the math kernel only (speed-up of the math kernel).
 
 Also printed: each top-level module's share of the forward pass.
 """
@@ -82,6 +84,20 @@ def compare_compiled(model: torch.nn.Module, batches: list[dict]) -> None:
           f"speed-up {eager / compiled:.2f}")
 
 
+def compare_attention_kernels(model: torch.nn.Module, batches: list[dict]) -> None:
+    """Row 10: steps with the default attention kernels and with the math kernel only, alternately."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {"default": [], "math": []}
+    for batch in batches:
+        times["default"].append(step_time(model, batch))
+        with sdpa_kernel([SDPBackend.MATH]):
+            times["math"].append(step_time(model, batch))
+    default, math = statistics.median(times["default"]), statistics.median(times["math"])
+    print(f"10. training step, math attention kernel vs default: default {default:.3f} s, math {math:.3f} s, "
+          f"speed-up {default / math:.2f}")
+
+
 def compare_cudnn_attention(model: torch.nn.Module, batches: list[dict]) -> None:
     """Row 9: first steps on new batch shapes with cuDNN attention allowed and not, alternately."""
     model.cuda()
@@ -146,6 +162,7 @@ def main() -> None:
             stepped.append(step_time(model, batch))
     b, s = statistics.median(built), statistics.median(stepped)
     print(f"8. building a batch vs its forward + backward: build {b:.3f} s, step {s:.3f} s, ratio {b / s:.2f}")
+    compare_attention_kernels(model, batches)
 
     shares = forward_shares(model, batches)
     print("forward shares: " + ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
