@@ -48,6 +48,11 @@ class ExtractorConfig:
     # box. Learning where to look from the corner tokens alone takes far more data than a CPU hour holds.
     box_attention: bool = False
     token_grid: int = 0
+    # Also not in the official design: add a learned embedding of the prompt box's shape (log width,
+    # log height, log aspect ratio and its magnitude) to the output tokens. SAM's low-frequency
+    # corner encoding blurs a one-pixel difference, and the aspect ratio is what tells a small
+    # hexagon's box (0.87 or 1.15) from a circle's, a square's or a diamond's (1.0).
+    box_geometry: bool = False
 
 
 @dataclass

@@ -3,7 +3,8 @@
 #   1. train the tiny preset on the shapes world (the data is generated first),
 #   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
 #      break referring localization down by expression form and object size, and probe how much
-#      of each object's shape the image features carry,
+#      of each object's shape the image features carry, and how region captions fare with boxes
+#      that are not tight,
 #   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ for task in refer refseg regioncap densecap trace; do
 done
 python scripts/refer_breakdown.py "$run/eval/refer.jsonl" "$test_split" | tee "$run/eval/refer_breakdown.md"
 python scripts/shape_probe.py "$run/last" "$run/data/train" "$test_split" | tee "$run/eval/shape_probe.md"
+python scripts/region_boxes.py "$run/last" "$test_split" | tee "$run/eval/region_boxes.md"
 
 mkdir -p pixelllm/assets/default
 cp "$run"/last/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} pixelllm/assets/default/

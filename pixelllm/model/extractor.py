@@ -7,6 +7,8 @@ pass their own linear projection, and a shared projection + LayerNorm moves them
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import SamMaskDecoderConfig
@@ -44,6 +46,7 @@ class PromptFeatureExtractor(nn.Module):
         self.token_bias = nn.Parameter(torch.empty(config.num_tokens, config.token_dim).uniform_(-bound, bound))
         self.lm_projection = nn.Linear(config.token_dim, lm_dim)
         self.norm = nn.LayerNorm(lm_dim)
+        self.geometry = nn.Linear(4, width) if config.box_geometry else None
 
     def forward(
         self,
@@ -64,7 +67,7 @@ class PromptFeatureExtractor(nn.Module):
             dense_prompt: ``(C_prompt, G, G)`` dense prompt (SAM's no-mask embedding).
             positional_encoding: ``(C_prompt, G, G)`` Fourier encoding of the grid.
             boxes: ``(N, 4)`` the prompts' boxes in canvas pixels (a point: a zero-size box);
-                canvas_size: ``S``. Used by ``box_attention`` only.
+                canvas_size: ``S``. Used by ``box_attention`` and ``box_geometry`` only.
 
         Returns:
             ``(N, num_tokens, lm_dim)``.
@@ -74,9 +77,10 @@ class PromptFeatureExtractor(nn.Module):
         image = image + self.prompt_projection(dense_prompt.permute(1, 2, 0))
         keys = image[image_index].flatten(1, 2)  # (N, G*G, W)
         position = self.position_projection(positional_encoding.permute(1, 2, 0)).flatten(0, 1)
-        queries = torch.cat(
-            [self.output_tokens.expand(n, -1, -1), self.prompt_projection(prompt_tokens)], dim=1
-        )
+        outputs = self.output_tokens.expand(n, -1, -1)
+        if self.geometry is not None:
+            outputs = outputs + self.geometry(box_geometry(boxes, canvas_size))[:, None]
+        queries = torch.cat([outputs, self.prompt_projection(prompt_tokens)], dim=1)
         bias = self._box_bias(boxes, grid, canvas_size, queries.shape[1]) if self.config.box_attention else None
         tokens, _ = two_way(self.transformer, queries, keys, queries, position.expand(n, -1, -1), bias)
         tokens = tokens[:, : self.num_tokens]  # (N, T, W)
@@ -107,3 +111,18 @@ class PromptFeatureExtractor(nn.Module):
         visible = (over_y[..., :, None] & over_x[..., None, :]).flatten(-2)  # (N, T+P, G*G)
         bias = torch.zeros(visible.shape, dtype=boxes.dtype, device=boxes.device)
         return bias.masked_fill(~visible, float("-inf"))[:, None]
+
+
+def box_geometry(boxes: torch.Tensor, canvas_size: int) -> torch.Tensor:
+    """``(N, 4)`` canvas-pixel boxes -> ``(N, 4)``: log width and log height as fractions of the
+    canvas, each divided by ``log(canvas_size)`` (so -1 for one pixel, 0 for the whole canvas); the
+    log aspect ratio ``log(height / width)`` and its magnitude, both in units of ``log(1.25)`` (so a
+    hexagon's box, 0.87 or 1.15 as tall as wide, reads about -0.6 or 0.6, and 0.6 in magnitude; a
+    circle's 0). Sides under a pixel count as one pixel, so a point prompt (a zero-size box) reads
+    as a one-pixel square."""
+    width = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
+    height = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+    scale = math.log(canvas_size)
+    aspect = torch.log(height / width) / math.log(1.25)
+    return torch.stack([torch.log(width / canvas_size) / scale, torch.log(height / canvas_size) / scale,
+                        aspect, aspect.abs()], dim=-1)
