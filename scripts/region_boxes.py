@@ -21,7 +21,7 @@ import numpy as np
 import pixelllm
 from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
-from pixelllm.evaluate.shapes import lower_words
+from pixelllm.evaluate.shapes import shape_word
 
 HEXAGON_HEIGHT = 3**0.5 / 2  # a flat-topped regular hexagon's height over its width
 
@@ -49,10 +49,6 @@ def flattened(boxes: np.ndarray) -> np.ndarray:
 
 CHANGES = {"as given": lambda boxes: boxes, "enlarged 15 %": enlarged, "squared": squared,
            "flat (0.87 tall)": flattened}
-
-
-def shape_word(text: str) -> str | None:
-    return next((w for w in lower_words(text) if w in SHAPES), None)
 
 
 def shape_right(predictor, data: str, limit: int) -> dict[str, tuple[Counter, Counter]]:

@@ -21,7 +21,7 @@ from torch import nn
 import pixelllm
 from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
-from pixelllm.evaluate.shapes import lower_words
+from pixelllm.evaluate.shapes import shape_word
 from pixelllm.model.words import pool_boxes
 
 LARGE_ON_CANVAS = 25.0  # longest side on the canvas, in pixels, that splits the report into large and small
@@ -38,7 +38,7 @@ def object_features(predictor, data: str, limit: int, batch: int = 16):
         for sample, encoded in zip(chunk, predictor.encode_batch([s.image for s in chunk]), strict=True):
             features = encoded.features.features.float()
             cell = predictor.model.config.image_size / features.shape[-1]
-            shapes = [next((w for w in lower_words(" ".join(r.texts)) if w in SHAPES), None) for r in sample.regions]
+            shapes = [shape_word(" ".join(r.texts)) for r in sample.regions]
             named = [(region, shape) for region, shape in zip(sample.regions, shapes, strict=True) if shape]
             if not named:
                 continue

@@ -30,6 +30,11 @@ def lower_words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
+def shape_word(text: str) -> str | None:
+    """The first shape word of ``text``, or ``None``."""
+    return next((w for w in lower_words(text) if w in SHAPES), None)
+
+
 def color_shape_words(text: str) -> set[str]:
     return {w for w in lower_words(text) if w in VOCABULARY}
 
