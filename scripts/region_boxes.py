@@ -62,10 +62,11 @@ def shape_right(predictor, data: str, limit: int) -> dict[str, tuple[Counter, Co
         encoded = predictor.encode(sample.image)
         width, height = encoded.image_size
         boxes = np.array([r.box for r, _ in named], dtype=np.float64)
-        for name, change in CHANGES.items():
-            changed = np.clip(change(boxes), 0, [width, height, width, height])
-            right, total = counts[name]
-            for (_, truth), caption in zip(named, encoded.caption_regions(changed.tolist()), strict=True):
+        changed = np.concatenate([change(boxes) for change in CHANGES.values()])  # (len(CHANGES) * K, 4)
+        changed = np.clip(changed, 0, [width, height, width, height])
+        captions = encoded.caption_regions(changed.tolist())  # every change decoded in one batch
+        for i, (right, total) in enumerate(counts.values()):
+            for (_, truth), caption in zip(named, captions[i * len(named):(i + 1) * len(named)], strict=True):
                 total[truth] += 1
                 right[truth] += shape_word(caption.text) == truth
     return counts
