@@ -1,6 +1,7 @@
 """Training-step speed, measured side by side in one run on the recipe of the embedded default.
 
     python benchmarks/training.py [--config configs/shapes_tiny.yaml] [--images 64] [--repeats 20]
+                                  [--versus OTHER.yaml]
 
 Batches are the config's task mixture (every task present from step 0) drawn from a small shapes
 world generated into a temporary directory; the model is the config's preset with random weights.
@@ -16,6 +17,9 @@ busy machine slows both alike. Results go to RESULTS.md by hand.
    training loop turns them off).
 10. A training step with PyTorch's default choice of attention kernel (flash where it applies) vs
     the math kernel only (speed-up of the math kernel).
+11. Only with ``--versus``: a training step of the other config's model vs this config's, over the
+    same examples (each put on its own model's canvas), alternately (time ratio). The two configs
+    must mix the same datasets; their models may differ in anything.
 
 Also printed: each top-level module's share of the forward pass.
 """
@@ -114,6 +118,20 @@ def compare_cudnn_attention(model: torch.nn.Module, batches: list[dict]) -> None
           f"allowed {on:.3f} s, not {off:.3f} s, ratio {on / off:.2f}")
 
 
+def compare_recipes(ours: tuple, theirs: tuple) -> None:
+    """Row 11: steps of two recipes, alternately; each is ``(name, model, batches)``, the batches
+    built from the same addresses."""
+    recipes, times = (ours, theirs), ([], [])
+    for _, model, batches in recipes:
+        model.train()
+        step_time(model, batches[0])  # warm-up
+    for i in range(len(ours[2])):
+        for (_, model, batches), spent in zip(recipes, times, strict=True):
+            spent.append(step_time(model, batches[i]))
+    a, b = statistics.median(times[0]), statistics.median(times[1])
+    print(f"11. training step, {theirs[0]} vs {ours[0]}: {b:.3f} s vs {a:.3f} s, ratio {b / a:.2f}")
+
+
 def forward_shares(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
     """Each top-level module's share of the forward time over ``batches``."""
     spent, starts = defaultdict(float), {}
@@ -138,6 +156,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/shapes_tiny.yaml")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--versus", help="another training config: row 11 compares its step with this one's")
     args = parser.parse_args()
     config = TrainConfig.load(args.config)
     torch.set_num_threads(config.threads or torch.get_num_threads())
@@ -146,13 +165,20 @@ def main() -> None:
         generate(tmp, args.images, seed=0, progress=False)
         addresses, dataset, tokenizer, model = mixed_batches(config, Path(tmp), args.repeats)
 
-        def build(address):
+        def build(address, dataset=dataset):
             return collate([dataset[a] for a in address], tokenizer.pad_token_id)
 
         batches = [build(a) for a in addresses]
         model.train()
         print(f"config {args.config}, batch {config.batch_size}, {torch.get_num_threads()} threads, "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+        if args.versus:
+            other_addresses, other_dataset, _, other = mixed_batches(TrainConfig.load(args.versus), Path(tmp),
+                                                                   args.repeats)
+            if other_addresses != addresses:
+                raise SystemExit(f"{args.versus} mixes other datasets than {args.config}: no common examples")
+            other_batches = [build(a, other_dataset) for a in addresses]
+            compare_recipes((args.config, model, batches), (args.versus, other, other_batches))
         compare_compiled(model, batches)
         built, stepped = [], []
         for address in addresses:

@@ -126,6 +126,13 @@ class PixelLLMConfig:
     max_text_tokens: int = 128
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
+    @property
+    def pixel_scale(self) -> int:
+        """The semantic tower's input side over the canvas side: 1 in the official design; k > 1 draws
+        the image at k times the canvas resolution for that tower alone (SAM gets it averaged back to
+        the canvas), while every coordinate stays in canvas pixels."""
+        return self.semantic["image_size"] // self.image_size
+
     def __post_init__(self) -> None:
         for name, cls in _NESTED.items():
             value = getattr(self, name)
@@ -181,9 +188,10 @@ class PixelLLMConfig:
                 f"sam widths disagree: vision output_channels {widths[0]}, prompt encoder hidden_size "
                 f"{widths[1]}, 2 x num_pos_feats {widths[2]} must be equal"
             )
-        if self.semantic.get("image_size") != self.image_size:
+        semantic_size = self.semantic.get("image_size")
+        if not isinstance(semantic_size, int) or semantic_size < self.image_size or semantic_size % self.image_size:
             raise ConfigError(
-                f"semantic image_size {self.semantic.get('image_size')} must equal image_size {self.image_size}"
+                f"semantic image_size {semantic_size} must be image_size {self.image_size} or a whole multiple of it"
             )
         if self.location_head.kind not in ("mlp", "pointer"):
             raise ConfigError(f"location_head.kind must be 'mlp' or 'pointer', got {self.location_head.kind!r}")

@@ -99,7 +99,8 @@ class Predictor:
         loaded = [load_image(image) for image in images]
         if not loaded:
             return []
-        prepared = [prepare_image(image, self.model.config.image_size) for image in loaded]
+        config = self.model.config
+        prepared = [prepare_image(image, config.image_size, pixel_scale=config.pixel_scale) for image in loaded]
         pixel_values = torch.stack([p[0] for p in prepared]).to(self.device)
         pixel_mask = torch.stack([p[1] for p in prepared]).to(self.device)
         features = self.model.encode_images(pixel_values, pixel_mask)

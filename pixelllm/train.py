@@ -68,7 +68,7 @@ class DatasetConfig:
     split: str | None = None
     images: str | None = None
     max_prompts: int | None = None
-    augment: dict[str, Any] | None = None  # {"scale_range": [lo, hi], "flip_prob": p}; default: the task's
+    augment: dict[str, Any] | None = None  # pipeline.Augment fields; default: the task's
     refer_text_loss: bool = False
     start: int = 0  # the step from which this dataset joins the mixture (a curriculum)
 
@@ -262,17 +262,21 @@ class MixtureBatches(torch.utils.data.Sampler):
                        for slot, d in enumerate(datasets)]
 
 
-def load_sources(config: TrainConfig, tokenizer, image_size: int, prompts: dict) -> list[tuple[list, ExampleBuilder]]:
+def load_sources(config: TrainConfig, tokenizer, model_config: PixelLLMConfig) -> list[tuple[list, ExampleBuilder]]:
+    """Every dataset's samples and the builder that puts them on ``model_config``'s canvas."""
     sources = []
     for spec in config.datasets:
         reader = open_source(spec.task, spec.data, split=spec.split, images=spec.images).reader
         samples = list(reader)
         if not samples:
             raise ConfigError(f"dataset {spec.task} at {spec.data} has no usable sample ({reader.summary()})")
+        unknown = set(spec.augment or {}) - {f.name for f in dataclasses.fields(Augment)}
+        if unknown:
+            raise ConfigError(f"{spec.task} dataset: unknown augment key(s) {', '.join(sorted(unknown))}")
         augment = Augment(**{**dataclasses.asdict(DEFAULT_AUGMENT[spec.task]), **(spec.augment or {})})
-        augment = Augment(tuple(augment.scale_range), augment.flip_prob)
-        task = TaskConfig(spec.task, image_size, max_prompts=spec.max_prompts, prompts=prompts,
-                          augment=augment, refer_text_loss=spec.refer_text_loss)
+        task = TaskConfig(spec.task, model_config.image_size, max_prompts=spec.max_prompts,
+                          prompts=model_config.prompts, augment=augment, refer_text_loss=spec.refer_text_loss,
+                          pixel_scale=model_config.pixel_scale)
         sources.append((samples, ExampleBuilder(tokenizer, task, name=f"{spec.task}:{spec.data}")))
     return sources
 
@@ -291,12 +295,18 @@ def texts_for_tokenizer(sources) -> list[str]:
 # Model and optimizer
 
 
+def model_config(m: ModelConfig) -> PixelLLMConfig:
+    """The config the model of ``m`` will have (the data needs its canvas before the model exists)."""
+    if m.init:
+        return PixelLLMConfig.load(m.init)
+    return PixelLLMConfig.from_dict({**preset(m.preset).to_dict(), **m.overrides})
+
+
 def make_model(config: TrainConfig, tokenizer) -> PixelLLM:
     m = config.model
     if m.init:
         return PixelLLM.from_pretrained(m.init)
-    base = preset(m.preset)
-    base = PixelLLMConfig.from_dict({**base.to_dict(), **m.overrides})
+    base = model_config(m)
     if m.sam or m.semantic or m.lm:
         return build_from_pretrained_parts(base, sam=m.sam, semantic=m.semantic, lm=m.lm, tokenizer=m.tokenizer)
     return build_model(base, tokenizer=tokenizer)
@@ -473,11 +483,8 @@ def _setup(config: TrainConfig, resume_from: Path | None):
 
             tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer)
         model = None
-    base = preset(config.model.preset)
-    prompts = (model.config if model is not None else base).prompts
-    image_size = (model.config if model is not None else base).image_size
     # Readers need no tokenizer; the builders get it once it exists.
-    sources = load_sources(config, tokenizer, image_size, prompts)
+    sources = load_sources(config, tokenizer, model.config if model is not None else model_config(config.model))
     if model is None:
         if tokenizer is None and not (config.model.lm or config.model.init):
             # deterministic: every process trains the same tokenizer from the same texts

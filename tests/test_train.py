@@ -1,6 +1,7 @@
 """Training: every task's loss goes down, resume continues exactly, 2 processes = 1 process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,21 @@ def test_resume_continues_exactly(tmp_path, shapes):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_the_data_follows_the_models_overrides(tmp_path, shapes):
+    """A run whose semantic tower takes twice the canvas resolution gets its images at that
+    resolution, and a run started from a checkpoint keeps that checkpoint's canvas."""
+    from pixelllm.config import preset
+    from pixelllm.model import PixelLLM
+
+    semantic = {**preset("tiny").semantic, "image_size": 320, "patch_size": 16, "stem_channels": 16}
+    model = {"preset": "tiny", "vocab_size": 300, "overrides": {"semantic": semantic}}
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=1, model=model)), tmp_path / "fine")
+    assert PixelLLM.from_pretrained(tmp_path / "fine" / "last").config.pixel_scale == 2
+    init = {"preset": "tiny", "init": str(tmp_path / "fine" / "last")}
+    last = train(TrainConfig.load(_config(tmp_path, shapes, steps=1, model=init)), tmp_path / "again")
+    assert last["step"] == 1 and math.isfinite(last["loss"])
 
 
 def test_a_failing_evaluation_does_not_end_the_run(tmp_path, shapes, capsys):
@@ -149,3 +165,9 @@ def test_config_errors(tmp_path, shapes):
         TrainConfig.load(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="--resume: no checkpoint"):
         train(TrainConfig.load(_config(tmp_path, shapes)), tmp_path / "fresh", resume=True)
+    region = {"task": "region", "data": str(shapes)}
+    for augment, message in (({"box_jiter": 0.1}, "region dataset: unknown augment key.s. box_jiter"),
+                             ({"box_jitter": 0.6}, r"augment box_jitter must be in \[0, 0.5\), got 0.6")):
+        config = TrainConfig.load(_config(tmp_path, shapes, datasets=[{**region, "augment": augment}]))
+        with pytest.raises(ConfigError, match=message):
+            train(config, tmp_path / "bad_augment")

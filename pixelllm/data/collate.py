@@ -36,7 +36,7 @@ def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[s
         max(len(p.prompt_ids) for _, p in prompts),
         max(len(p.label_ids) for _, p in prompts),
     )
-    size = examples[0].pixel_values.shape[-1]
+    size = examples[0].pixel_mask.shape[-1]
     batch: dict[str, Any] = {
         "pixel_values": torch.stack([e.pixel_values for e in examples]),
         "pixel_mask": torch.stack([e.pixel_mask for e in examples]),

@@ -12,7 +12,7 @@ flip 0.5. Flipping does not rewrite words like "left", so keep it off where text
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,24 @@ from pixelllm.data.images import load_image
 from pixelllm.data.report import SkipReport
 from pixelllm.data.samples import Sample
 from pixelllm.data.targets import TASKS, ImageTargets, build_targets, to_canvas
-from pixelllm.data.transforms import CanvasTransform
+from pixelllm.data.transforms import CanvasTransform, clip_boxes, jitter_boxes
 from pixelllm.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Scale jitter range of the long side relative to the canvas, and horizontal flip probability."""
+    """Scale jitter range of the long side relative to the canvas, horizontal flip probability, and
+    box jitter: each side of a region's prompt box (tasks region and densecap) moves by up to this
+    fraction of the box's side (``transforms.jitter_boxes``)."""
 
     scale_range: tuple[float, float] = (1.0, 1.0)
     flip_prob: float = 0.0
+    box_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_range", tuple(self.scale_range))  # a config file gives a list
+        if not 0 <= self.box_jitter < 0.5:
+            raise ConfigError(f"augment box_jitter must be in [0, 0.5), got {self.box_jitter}")
 
 
 DEFAULT_AUGMENT = {
@@ -58,6 +66,7 @@ class TaskConfig:
     prompts: dict[str, str] | None = None
     augment: Augment | None = None
     refer_text_loss: bool = False
+    pixel_scale: int = 1  # the image is drawn at this many times the canvas resolution (PixelLLMConfig.pixel_scale)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -68,7 +77,8 @@ class TaskConfig:
 class Example:
     """One image on the canvas and its targets in canvas pixels.
 
-    ``pixel_values`` float32 ``(3, S, S)`` in [0, 1]; ``pixel_mask`` bool ``(S, S)``.
+    ``pixel_values`` float32 ``(3, kS, kS)`` in [0, 1] (``k = pixel_scale``, 1 unless the semantic
+    tower sees finer pixels); ``pixel_mask`` bool ``(S, S)``.
     """
 
     pixel_values: torch.Tensor
@@ -131,7 +141,9 @@ class ExampleBuilder:
         if not targets.prompts:
             self.report.skip("no target left after the crop")
             return None
-        pixel_values, pixel_mask = transform.image_to_canvas(image)
+        if c.augment is not None and rng is not None and c.augment.box_jitter > 0:
+            targets = _jitter_region_prompts(targets, c.augment.box_jitter, rng, transform.valid_box)
+        pixel_values, pixel_mask = transform.image_to_canvas(image, c.pixel_scale)
         self.report.keep()
         meta = {
             "image_id": sample.image_id,
@@ -165,3 +177,15 @@ class ExampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Example | None:
         rng = np.random.default_rng((self.seed, self.epoch, index))
         return self.builder(self.samples[index], rng)
+
+
+def _jitter_region_prompts(targets: ImageTargets, amount: float, rng: np.random.Generator,
+                           valid_box: np.ndarray) -> ImageTargets:
+    """Jitter the prompt boxes of region and dense captions (canvas pixels), kept on the image."""
+    prompts = []
+    for p in targets.prompts:
+        if p.task in ("region", "densecap") and not p.prompt_is_point:
+            moved, keep = clip_boxes(jitter_boxes(p.prompt_box[None], amount, rng), valid_box)
+            p = replace(p, prompt_box=moved[0]) if keep[0] else p
+        prompts.append(p)
+    return replace(targets, prompts=prompts)

@@ -16,7 +16,7 @@ points and traces ``(..., 2)`` ``[x, y]`` (a trace is a sequence of points), mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -111,16 +111,23 @@ class CanvasTransform:
 
     # -- images and masks ----------------------------------------------------------------------
 
-    def image_to_canvas(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        """RGB image -> ``pixel_values`` float32 ``(3, S, S)`` in [0, 1] (0 on padding) and
-        ``pixel_mask`` bool ``(S, S)`` (True on the image)."""
+    def image_to_canvas(self, image: Image.Image, pixel_scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """RGB image -> ``pixel_values`` float32 ``(3, kS, kS)`` in [0, 1] (0 on padding) and
+        ``pixel_mask`` bool ``(S, S)`` (True on the image).
+
+        ``k = pixel_scale``: the pixels are drawn at ``k`` times the canvas resolution, with the same
+        placement (canvas pixel ``(x, y)`` covers pixels ``[kx, kx + k) x [ky, ky + k)``)."""
         if image.size != tuple(self.original_size):
             raise ValueError(f"image is {image.size}, the transform expects {self.original_size}")
-        content = np.asarray(self._warp(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-        size = self.canvas_size
-        pixel_values = torch.zeros(3, size, size, dtype=torch.float32)
+        fine = self if pixel_scale == 1 else replace(
+            self, canvas_size=self.canvas_size * pixel_scale, scale=self.scale * pixel_scale,
+            offset=(self.offset[0] * pixel_scale, self.offset[1] * pixel_scale),
+        )
+        content = np.asarray(fine._warp(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        pixel_values = torch.zeros(3, fine.canvas_size, fine.canvas_size, dtype=torch.float32)
         ch, cw = content.shape[:2]
         pixel_values[:, :ch, :cw] = torch.from_numpy(content).permute(2, 0, 1)
+        (cw, ch), size = self.content_size, self.canvas_size
         pixel_mask = torch.zeros(size, size, dtype=torch.bool)
         pixel_mask[:ch, :cw] = True
         return pixel_values, pixel_mask
@@ -158,17 +165,17 @@ class CanvasTransform:
 
 
 def prepare_image(
-    image: Image.Image, canvas_size: int, transform: CanvasTransform | None = None
+    image: Image.Image, canvas_size: int, transform: CanvasTransform | None = None, pixel_scale: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, CanvasTransform]:
     """Put an RGB image on the canvas.
 
-    Returns ``pixel_values`` float32 ``(3, S, S)`` in [0, 1], ``pixel_mask`` bool ``(S, S)`` and the
-    ``CanvasTransform``.
+    Returns ``pixel_values`` float32 ``(3, kS, kS)`` in [0, 1] (``k = pixel_scale``, see
+    ``CanvasTransform.image_to_canvas``), ``pixel_mask`` bool ``(S, S)`` and the ``CanvasTransform``.
 
     Without ``transform``: the long side is resized to ``S``, top-left placement, zero padding.
     """
     transform = transform or CanvasTransform.fit(image.size, canvas_size)
-    pixel_values, pixel_mask = transform.image_to_canvas(image)
+    pixel_values, pixel_mask = transform.image_to_canvas(image, pixel_scale)
     return pixel_values, pixel_mask, transform
 
 
@@ -197,6 +204,17 @@ def clip_boxes(boxes: np.ndarray, limits: np.ndarray) -> tuple[np.ndarray, np.nd
     clipped = np.clip(b, lo, hi)
     keep = (clipped[..., 2] > clipped[..., 0]) & (clipped[..., 3] > clipped[..., 1])
     return clipped, keep
+
+
+def jitter_boxes(boxes: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Move each side of ``(N, 4)`` boxes by ``U(-amount, amount)`` times the box's width (x sides)
+    or height (y sides), independently: a loose or shifted box around the same object, as a hand or
+    a proposal draws it. ``amount < 0.5`` keeps every side on its side of the box's center."""
+    if not 0 <= amount < 0.5:
+        raise ValueError(f"box jitter must be in [0, 0.5), got {amount}")
+    b = np.asarray(boxes, dtype=np.float64)
+    sides = np.tile(b[..., 2:] - b[..., :2], 2)
+    return b + rng.uniform(-amount, amount, size=b.shape) * sides
 
 
 def touches(boxes: np.ndarray, limits: np.ndarray) -> np.ndarray:

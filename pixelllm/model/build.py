@@ -95,9 +95,10 @@ def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: 
                                 tokenizer: str | os.PathLike | None = None) -> PixelLLM:
     """Build a PixelLLM whose SAM branch, semantic tower and LM come from checkpoint directories.
 
-    Parts not given are built from ``config`` with random weights. The SAM and semantic towers are
-    resized to ``config.image_size`` (absolute and relative position tables interpolated); the
-    extractor, projections and heads are new. The tokenizer defaults to the LM directory's.
+    Parts not given are built from ``config`` with random weights. The SAM tower is resized to
+    ``config.image_size`` and the semantic tower to ``pixel_scale`` times it (absolute and relative
+    position tables interpolated); the extractor, projections and heads are new. The tokenizer
+    defaults to the LM directory's.
     """
     config = preset(config) if isinstance(config, str) else copy.deepcopy(config)
     parts = {}
@@ -105,7 +106,7 @@ def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: 
         parts["sam"] = load_sam(sam, config.image_size)
         config.sam = parts["sam"].config.to_diff_dict()
     if semantic is not None:
-        parts["semantic"] = load_vision_tower(semantic, config.image_size)
+        parts["semantic"] = load_vision_tower(semantic, config.image_size * config.pixel_scale)
         config.semantic = parts["semantic"].config.to_diff_dict()
     if lm is not None:
         parts["lm"] = load_language_model(lm)

@@ -55,17 +55,21 @@ class DualImageEncoder(KeepsFrozenInEval):
         """Encode canvas images.
 
         Args:
-            pixel_values: ``(B, 3, S, S)`` RGB in [0, 1], zero on padding.
+            pixel_values: ``(B, 3, kS, kS)`` RGB in [0, 1], zero on padding, with ``k`` the semantic
+                tower's input side over SAM's (1 unless the semantic tower takes finer pixels).
             pixel_mask: ``(B, S, S)`` bool, True on the image.
 
         Returns:
             features: ``(B, out_channels, G, G)`` with ``G`` the larger grid.
             sam_embeddings: ``(B, sam_channels, g, g)``, SAM's own map (the mask decoder's input).
         """
-        sam_input = normalize(pixel_values, pixel_mask, IMAGENET_MEAN, IMAGENET_STD)
+        k = pixel_values.shape[-1] // pixel_mask.shape[-1]
+        coarse = pixel_values if k == 1 else F.avg_pool2d(pixel_values, k)
+        sam_input = normalize(coarse, pixel_mask, IMAGENET_MEAN, IMAGENET_STD)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_sam):
             sam_embeddings = self.sam(sam_input).last_hidden_state
-        semantic_input = normalize(pixel_values, pixel_mask, *self.semantic_stats)
+        fine_mask = pixel_mask if k == 1 else pixel_mask.repeat_interleave(k, 1).repeat_interleave(k, 2)
+        semantic_input = normalize(pixel_values, fine_mask, *self.semantic_stats)
         tokens = self.semantic(pixel_values=semantic_input).last_hidden_state
         if self.semantic_is_clip:  # CLIP normalizes only its pooled class token: normalize all, drop the class
             tokens = self.semantic.post_layernorm(tokens[:, 1:])

@@ -1,15 +1,16 @@
 """Targets per task, their mapping onto the canvas, and the example pipeline."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from pixelllm.data.ln import align_official
-from pixelllm.data.pipeline import DEFAULT_AUGMENT, ExampleBuilder, ExampleDataset, TaskConfig
+from pixelllm.data.pipeline import DEFAULT_AUGMENT, Augment, ExampleBuilder, ExampleDataset, TaskConfig
 from pixelllm.data.samples import Narrative, Region, Sample, Utterance
 from pixelllm.data.targets import build_targets, to_canvas
-from pixelllm.data.transforms import CanvasTransform
+from pixelllm.data.transforms import CanvasTransform, jitter_boxes
 from pixelllm.errors import ConfigError
 from pixelllm.tokenization import encode_prompt, encode_target, train_tokenizer
 
@@ -168,3 +169,36 @@ def test_dataset_is_deterministic_per_epoch(tokenizer, cats):
         example = dataset[0]
         transforms.add(None if example is None else example.transform)
     assert len(transforms) > 1
+
+
+def test_box_jitter_moves_region_prompts_only(tokenizer, cats):
+    """With the same seed, jitter leaves the transform alone and moves each side of a region's prompt
+    box by at most its fraction of the box's side; the box stays on the image and around its center."""
+    plain = Augment((0.75, 1.25))
+    for task in ("region", "refer"):
+        built = [ExampleBuilder(tokenizer, TaskConfig(task, 160, augment=a))(cats, np.random.default_rng(4))
+                 for a in (plain, dataclasses.replace(plain, box_jitter=0.2))]
+        assert built[0].transform == built[1].transform
+        before = np.stack([p.prompt_box for p in built[0].targets.prompts])
+        after = np.stack([p.prompt_box for p in built[1].targets.prompts])
+        if task == "refer":  # whole-image prompts are never jittered
+            np.testing.assert_array_equal(after, before)
+            continue
+        sides = np.tile(before[:, 2:] - before[:, :2], 2)
+        moved = np.abs(after - before)
+        assert (moved > 0.01 * sides).any() and (moved <= 0.2 * sides + 1e-9).all()
+        centers = (before[:, :2] + before[:, 2:]) / 2
+        assert ((after[:, :2] < centers) & (centers < after[:, 2:])).all()
+        valid = built[1].transform.valid_box
+        assert (after[:, :2] >= valid[:2]).all() and (after[:, 2:] <= valid[2:]).all()
+
+
+def test_jitter_boxes_bounds():
+    rng = np.random.default_rng(0)
+    boxes = np.array([[10.0, 20.0, 30.0, 60.0]] * 2000)
+    moved = jitter_boxes(boxes, 0.25, rng) - boxes
+    limits = np.array([20.0, 40.0, 20.0, 40.0]) * 0.25
+    assert (np.abs(moved) <= limits).all() and (np.abs(moved).max(0) > 0.95 * limits).all()
+    np.testing.assert_array_equal(jitter_boxes(boxes, 0.0, rng), boxes)
+    with pytest.raises(ValueError, match="box jitter must be in"):
+        jitter_boxes(boxes, 0.5, rng)

@@ -118,6 +118,11 @@ def test_mismatched_widths():
     data["semantic"]["image_size"] = 224
     with pytest.raises(ConfigError, match="semantic image_size 224"):
         PixelLLMConfig.from_dict(data)
+    data["semantic"]["image_size"] = 80
+    with pytest.raises(ConfigError, match="semantic image_size 80 must be image_size 160 or a whole multiple"):
+        PixelLLMConfig.from_dict(data)
+    data["semantic"]["image_size"] = 320
+    assert PixelLLMConfig.from_dict(data).pixel_scale == 2 and preset("tiny").pixel_scale == 1
     data = preset("tiny").to_dict()
     data["location_head"]["kind"] = "grid"
     with pytest.raises(ConfigError, match="location_head.kind must be 'mlp' or 'pointer', got 'grid'"):

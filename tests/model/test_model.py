@@ -8,6 +8,7 @@ from pixelllm.config import PixelLLMConfig
 from pixelllm.model.build import build_model
 from pixelllm.model.heads import LocationHead
 from pixelllm.model.pixelllm import PixelLLM
+from pixelllm.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FAMILIES = ["t5", "llama"]
 
@@ -110,3 +111,27 @@ def test_save_load_round_trip(tmp_path, family):
     assert torch.equal(expected.token_boxes, got.token_boxes)
     assert loaded.tokenizer("a red circle")["input_ids"] == model.tokenizer("a red circle")["input_ids"]
     assert loaded.config.to_dict() == model.config.to_dict()
+
+
+def test_the_semantic_tower_can_take_finer_pixels():
+    """``pixel_scale`` 2: the semantic tower reads the image at twice the canvas resolution and SAM
+    its 2 x 2 averages, so a change that averages out in every 2 x 2 block reaches only the first."""
+    data = tiny_config().to_dict()
+    data["semantic"].update(image_size=320, patch_size=16, stem_channels=16)
+    config = PixelLLMConfig.from_dict(data)
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer=tokenizer()).eval()
+    batch = make_batch(config)
+    coarse, mask = batch["pixel_values"], batch["pixel_mask"]
+    fine = coarse.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    checker = 0.05 * (torch.arange(320)[:, None] + torch.arange(320)[None]).remainder(2).mul(2).sub(1)
+    with torch.no_grad():
+        features, sam = model.vision(fine, mask)
+        detailed, sam_detailed = model.vision(fine + checker, mask)
+        sam_alone = model.vision.sam(normalize(coarse, mask, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state
+    assert features.shape == (2, model.vision.out_channels, 20, 20)
+    torch.testing.assert_close(sam, sam_alone)
+    torch.testing.assert_close(sam_detailed, sam)
+    semantic = slice(model.vision.sam_channels, None)
+    assert (detailed[:, semantic] - features[:, semantic]).abs().mean() > 1e-3
+    assert torch.isfinite(model({**batch, "pixel_values": fine}).loss)
