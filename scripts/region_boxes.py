@@ -21,6 +21,7 @@ import numpy as np
 import pixelllm
 from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
+from pixelllm.data.transforms import clip_boxes
 from pixelllm.evaluate.shapes import shape_word
 
 HEXAGON_HEIGHT = 3**0.5 / 2  # a flat-topped regular hexagon's height over its width
@@ -63,7 +64,7 @@ def shape_right(predictor, data: str, limit: int) -> dict[str, tuple[Counter, Co
         width, height = encoded.image_size
         boxes = np.array([r.box for r, _ in named], dtype=np.float64)
         changed = np.concatenate([change(boxes) for change in CHANGES.values()])  # (len(CHANGES) * K, 4)
-        changed = np.clip(changed, 0, [width, height, width, height])
+        changed = clip_boxes(changed, np.array([0.0, 0.0, width, height]))[0]
         captions = encoded.caption_regions(changed.tolist())  # every change decoded in one batch
         for i, (right, total) in enumerate(counts.values()):
             for (_, truth), caption in zip(named, captions[i * len(named):(i + 1) * len(named)], strict=True):

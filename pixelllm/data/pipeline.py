@@ -181,11 +181,13 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 def _jitter_region_prompts(targets: ImageTargets, amount: float, rng: np.random.Generator,
                            valid_box: np.ndarray) -> ImageTargets:
-    """Jitter the prompt boxes of region and dense captions (canvas pixels), kept on the image."""
-    prompts = []
-    for p in targets.prompts:
-        if p.task in ("region", "densecap") and not p.prompt_is_point:
-            moved, keep = clip_boxes(jitter_boxes(p.prompt_box[None], amount, rng), valid_box)
-            p = replace(p, prompt_box=moved[0]) if keep[0] else p
-        prompts.append(p)
+    """Jitter the prompt boxes of region and dense captions (canvas pixels), kept on the image. A
+    jittered box keeps its object's center (``amount < 0.5``), so it keeps area on the image."""
+    prompts = list(targets.prompts)
+    chosen = [i for i, p in enumerate(prompts) if p.task in ("region", "densecap") and not p.prompt_is_point]
+    if chosen:
+        boxes = np.stack([prompts[i].prompt_box for i in chosen])
+        moved = clip_boxes(jitter_boxes(boxes, amount, rng), valid_box)[0]
+        for i, box in zip(chosen, moved, strict=True):
+            prompts[i] = replace(prompts[i], prompt_box=box)
     return replace(targets, prompts=prompts)

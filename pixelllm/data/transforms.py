@@ -125,8 +125,7 @@ class CanvasTransform:
         )
         content = np.asarray(fine._warp(image, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
         pixel_values = torch.zeros(3, fine.canvas_size, fine.canvas_size, dtype=torch.float32)
-        ch, cw = content.shape[:2]
-        pixel_values[:, :ch, :cw] = torch.from_numpy(content).permute(2, 0, 1)
+        pixel_values[:, : content.shape[0], : content.shape[1]] = torch.from_numpy(content).permute(2, 0, 1)
         (cw, ch), size = self.content_size, self.canvas_size
         pixel_mask = torch.zeros(size, size, dtype=torch.bool)
         pixel_mask[:ch, :cw] = True
