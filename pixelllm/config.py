@@ -53,6 +53,14 @@ class ExtractorConfig:
     # corner encoding blurs a one-pixel difference, and the aspect ratio is what tells a small
     # hexagon's box (0.87 or 1.15) from a circle's, a square's or a diamond's (1.0).
     box_geometry: bool = False
+    # Also not in the official design: ``box_pixels`` R > 0 appends 4 tokens read by a small CNN
+    # from an R x R resampling of the pixels around the prompt box (``pixelllm.model.box_pixels``).
+    # At the tiny canvas a small object's shape is a cell or two of the towers' stride-8 map; read at
+    # a common scale, 16 x 16 samples tell the six shapes apart (docs/model_card.md, stop 19).
+    box_pixels: int = 0
+    # In training, each prompt's box-pixel tokens are zeroed with this probability, so that the
+    # captions keep training the image towers (which the locating tasks read) through the extractor.
+    box_pixel_dropout: float = 0.0
 
 
 @dataclass
@@ -167,6 +175,10 @@ class PixelLLMConfig:
                 f"extractor.token_grid {ex.token_grid} needs box_attention and num_tokens = "
                 f"{ex.token_grid ** 2} (got {ex.num_tokens})"
             )
+        if ex.box_pixels and (ex.box_pixels < 8 or ex.box_pixels % 4):
+            raise ConfigError(f"extractor.box_pixels must be 0 or a multiple of 4 from 8, got {ex.box_pixels}")
+        if not 0.0 <= ex.box_pixel_dropout < 1.0:
+            raise ConfigError(f"extractor.box_pixel_dropout must be in [0, 1), got {ex.box_pixel_dropout}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
         vision = self.sam.get("vision_config", {})

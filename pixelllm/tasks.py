@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -341,8 +341,8 @@ def _stack(encoded: list[EncodedImage]) -> tuple[ImageFeatures, torch.Tensor]:
     """The distinct images of ``encoded`` as one feature batch, and the index of each entry in it."""
     distinct = list({id(e): e for e in encoded}.values())
     position = {id(e): i for i, e in enumerate(distinct)}
-    features = ImageFeatures(*(torch.cat(parts) for parts in zip(
-        *((e.features.features, e.features.sam_embeddings, e.features.valid_size) for e in distinct), strict=True)))
+    features = ImageFeatures(*(torch.cat([getattr(e.features, f.name) for e in distinct])
+                               for f in fields(ImageFeatures)))
     index = torch.tensor([position[id(e)] for e in encoded], dtype=torch.long, device=features.features.device)
     return features, index
 

@@ -15,6 +15,7 @@ from transformers import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
 from pixelllm.config import ExtractorConfig
+from pixelllm.model.box_pixels import BoxPixelEncoder
 from pixelllm.model.two_way import two_way
 
 
@@ -47,6 +48,8 @@ class PromptFeatureExtractor(nn.Module):
         self.lm_projection = nn.Linear(config.token_dim, lm_dim)
         self.norm = nn.LayerNorm(lm_dim)
         self.geometry = nn.Linear(4, width) if config.box_geometry else None
+        self.box_pixels = (BoxPixelEncoder(config.box_pixels, width, lm_dim, config.box_pixel_dropout)
+                           if config.box_pixels else None)
 
     def forward(
         self,
@@ -57,6 +60,7 @@ class PromptFeatureExtractor(nn.Module):
         positional_encoding: torch.Tensor,
         boxes: torch.Tensor,
         canvas_size: int,
+        pixels: torch.Tensor,
     ) -> torch.Tensor:
         """Extract the visual tokens of each prompt.
 
@@ -67,10 +71,11 @@ class PromptFeatureExtractor(nn.Module):
             dense_prompt: ``(C_prompt, G, G)`` dense prompt (SAM's no-mask embedding).
             positional_encoding: ``(C_prompt, G, G)`` Fourier encoding of the grid.
             boxes: ``(N, 4)`` the prompts' boxes in canvas pixels (a point: a zero-size box);
-                canvas_size: ``S``. Used by ``box_attention`` and ``box_geometry`` only.
+                canvas_size: ``S``. Used by ``box_attention``, ``box_geometry`` and ``box_pixels`` only.
+            pixels: ``(B, 3, kS, kS)`` the canvas images, read by ``box_pixels`` only.
 
         Returns:
-            ``(N, num_tokens, lm_dim)``.
+            ``(N, num_tokens, lm_dim)``, with ``box_pixels`` ``(N, num_tokens + 4, lm_dim)``.
         """
         n, grid = image_index.shape[0], features.shape[-1]
         image = self.image_projection(features.permute(0, 2, 3, 1))  # (B, G, G, W)
@@ -85,7 +90,10 @@ class PromptFeatureExtractor(nn.Module):
         tokens, _ = two_way(self.transformer, queries, keys, queries, position.expand(n, -1, -1), bias)
         tokens = tokens[:, : self.num_tokens]  # (N, T, W)
         tokens = torch.einsum("ntw,twd->ntd", tokens, self.token_weight) + self.token_bias
-        return self.norm(self.lm_projection(tokens))
+        tokens = self.norm(self.lm_projection(tokens))
+        if self.box_pixels is None:
+            return tokens
+        return torch.cat([tokens, self.box_pixels(pixels, image_index, boxes, canvas_size)], dim=1)
 
     def _box_bias(self, boxes: torch.Tensor, grid: int, canvas_size: int, num_queries: int) -> torch.Tensor:
         """Attention bias ``(N, 1, T + P, G*G)``: 0 where a token may look, -inf elsewhere.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -32,15 +32,17 @@ class ImageFeatures:
 
     ``features (B, C, G, G)``: the concatenated SAM + semantic map. ``sam_embeddings (B, 256, g, g)``:
     SAM's own map, for the mask decoder. ``valid_size (B, 2)``: width and height of the resized
-    image on the canvas, in pixels.
+    image on the canvas, in pixels. ``pixels (B, 3, kS, kS)``: the canvas images themselves, for
+    the extractor's ``box_pixels``.
     """
 
     features: torch.Tensor
     sam_embeddings: torch.Tensor
     valid_size: torch.Tensor
+    pixels: torch.Tensor
 
     def select(self, index: torch.Tensor) -> ImageFeatures:
-        return ImageFeatures(self.features[index], self.sam_embeddings[index], self.valid_size[index])
+        return ImageFeatures(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 @dataclass
@@ -99,7 +101,7 @@ class PixelLLM(nn.Module):
         """``(B, 3, S, S)`` canvas images in [0, 1] and ``(B, S, S)`` masks -> ``ImageFeatures``."""
         features, sam_embeddings = self.vision(pixel_values, pixel_mask)
         valid_size = torch.stack([pixel_mask.any(1).sum(-1), pixel_mask.any(2).sum(-1)], dim=-1)
-        return ImageFeatures(features, sam_embeddings, valid_size.to(features.dtype))
+        return ImageFeatures(features, sam_embeddings, valid_size.to(features.dtype), pixel_values)
 
     def visual_tokens(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                       is_point: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class PixelLLM(nn.Module):
         return self.extractor(
             images.features, image_index, self.prompt_encoder(boxes, is_point),
             self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
-            _points_as_boxes(boxes, is_point), self.config.image_size,
+            _points_as_boxes(boxes, is_point), self.config.image_size, images.pixels,
         )
 
     def location_cells(self, images: ImageFeatures):

@@ -18,8 +18,9 @@ def _extract(model, features, boxes):
     grid = features.shape[-1]
     index = torch.zeros(len(boxes), dtype=torch.long)
     is_point = torch.zeros(len(boxes), dtype=torch.bool)
+    size = model.config.image_size
     return model.extractor(features, index, prompt(boxes, is_point), prompt.no_mask_embedding(grid),
-                           prompt.dense_positional_encoding(grid), boxes, model.config.image_size)
+                           prompt.dense_positional_encoding(grid), boxes, size, torch.zeros(1, 3, size, size))
 
 
 def test_box_attention_sees_only_the_box():
