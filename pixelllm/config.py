@@ -62,6 +62,9 @@ class ExtractorConfig:
     # also learns to read a region through the extractor's tokens (without it, localization learned
     # slower in the full recipe; docs/model_card.md, stop 19).
     box_pixel_dropout: float = 0.0
+    # False: prompts on the whole image (traced captions, referring expressions) get zeros for the
+    # box-pixel tokens; a thumbnail of the image tells nothing the towers do not.
+    box_pixels_on_whole_image: bool = True
 
 
 @dataclass
@@ -132,6 +135,9 @@ class PixelLLMConfig:
     mask_prompt_box: str = "predicted"
     # > 0: the box word head's loss (model/words.py) at this weight; 0 (the official design): no head.
     word_loss_weight: float = 0.0
+    # > 0 (needs extractor.box_pixels): the same loss from a linear layer over the box pixel
+    # encoder's own 2 x 2 map, so that its CNN learns the shapes before the LM has to read its tokens.
+    box_pixel_word_loss_weight: float = 0.0
     max_text_tokens: int = 128
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
@@ -214,6 +220,10 @@ class PixelLLMConfig:
             raise ConfigError(f"mask_prompt_box must be 'predicted' or 'target', got {self.mask_prompt_box!r}")
         if self.word_loss_weight < 0:
             raise ConfigError(f"word_loss_weight must be >= 0, got {self.word_loss_weight}")
+        if self.box_pixel_word_loss_weight < 0:
+            raise ConfigError(f"box_pixel_word_loss_weight must be >= 0, got {self.box_pixel_word_loss_weight}")
+        if self.box_pixel_word_loss_weight and not ex.box_pixels:
+            raise ConfigError("box_pixel_word_loss_weight > 0 needs extractor.box_pixels > 0")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from pixelllm.box_pixel_pretrain import BoxPixelPretrainConfig, pretrain_box_pixels
 from pixelllm.config import PixelLLMConfig, atomic_write_text, preset
 from pixelllm.data.collate import collate
 from pixelllm.data.pipeline import DEFAULT_AUGMENT, Augment, ExampleBuilder, TaskConfig
@@ -124,6 +125,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    box_pixel_pretrain: BoxPixelPretrainConfig = field(default_factory=BoxPixelPretrainConfig)
     steps: int = 1000
     batch_size: int = 8  # images per micro-batch per process
     accumulation: int = 1
@@ -163,7 +165,8 @@ def _from_dict(cls, data: dict, where: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")
-    nested = {"model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig, "synth": SynthConfig}
+    nested = {"model": ModelConfig, "optim": OptimConfig, "eval": EvalConfig, "synth": SynthConfig,
+              "box_pixel_pretrain": BoxPixelPretrainConfig}
     values = {}
     for key, value in data.items():
         if key in nested and cls is TrainConfig:
@@ -425,6 +428,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
         raise ConfigError(f"--resume: no checkpoint in {checkpoint}")
     tokenizer, sources, model = _setup(config, checkpoint if resume else None)
     model.to(runtime.device).train()
+    pretrain_losses = [] if resume else _pretrain_box_pixels(model, sources, config, runtime)
     wrapped = wrap_model(model, config, runtime)  # FSDP shards the model in place: before the optimizer
     optimizer = make_optimizer(model, config.optim)
     start, best = 0, -math.inf
@@ -442,6 +446,8 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     bf16 = config.bf16 if config.bf16 is not None else (
         runtime.device.type == "cuda" and torch.cuda.is_bf16_supported())
     logger = _Logger(out, runtime, config, start)
+    for epoch, loss in enumerate(pretrain_losses, 1):
+        logger.log({"step": 0, "box_pixel_pretrain_epoch": epoch, "box_pixel_pretrain_loss": loss}, progress=False)
     micro_batches = iter(loader)
     last = {}
     for step in range(start, config.steps):
@@ -494,6 +500,18 @@ def _setup(config: TrainConfig, resume_from: Path | None):
     for _, builder in sources:
         builder.tokenizer = tokenizer
     return tokenizer, sources, model
+
+
+def _pretrain_box_pixels(model: PixelLLM, sources, config: TrainConfig, runtime: Runtime) -> list[float]:
+    """``config.box_pixel_pretrain`` on the first region dataset, before the main loop (and before
+    the model is wrapped, so every process starts it alike); the epochs' losses."""
+    if config.box_pixel_pretrain.epochs <= 0:
+        return []
+    region = next((i for i, spec in enumerate(config.datasets) if spec.task == "region"), None)
+    if region is None:
+        raise ConfigError("box_pixel_pretrain needs a region dataset in 'datasets'")
+    samples, builder = sources[region]
+    return pretrain_box_pixels(model, samples, builder, config.box_pixel_pretrain, config.seed, runtime.main)
 
 
 def _accumulate(wrapped, micro_batches, config: TrainConfig, runtime: Runtime, bf16: bool) -> dict:

@@ -171,3 +171,61 @@ def test_config_errors(tmp_path, shapes):
         config = TrainConfig.load(_config(tmp_path, shapes, datasets=[{**region, "augment": augment}]))
         with pytest.raises(ConfigError, match=message):
             train(config, tmp_path / "bad_augment")
+
+
+def _box_pixel_model() -> dict:
+    from pixelllm.config import preset
+
+    extractor = {**preset("tiny").to_dict()["extractor"], "box_pixels": 16}
+    return {"preset": "tiny", "vocab_size": 300,
+            "overrides": {"extractor": extractor, "box_pixel_word_loss_weight": 1.0}}
+
+
+def test_box_pixel_pretraining_learns_before_the_loop_and_resume_skips_it(tmp_path, shapes):
+    pretrain = {"epochs": 8, "batch_size": 4, "lr": 3.0e-3}
+    straight = TrainConfig.load(_config(tmp_path, shapes, steps=2, model=_box_pixel_model(),
+                                        box_pixel_pretrain=pretrain))
+    train(straight, tmp_path / "straight")
+    epochs = [r for r in _losses(tmp_path / "straight") if "box_pixel_pretrain_loss" in r]
+    assert [r["box_pixel_pretrain_epoch"] for r in epochs] == list(range(1, 9))
+    assert epochs[-1]["box_pixel_pretrain_loss"] < 0.7 * epochs[0]["box_pixel_pretrain_loss"]
+    half = TrainConfig.load(_config(tmp_path, shapes, steps=1, model=_box_pixel_model(), box_pixel_pretrain=pretrain))
+    train(half, tmp_path / "resumed")
+    train(straight, tmp_path / "resumed", resume=True)  # pretraining again would change the weights
+    a, b = ([r for r in _losses(tmp_path / name) if "loss" in r] for name in ("straight", "resumed"))
+    assert len([r for r in _losses(tmp_path / "resumed") if "box_pixel_pretrain_loss" in r]) == 8
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_region_crops_are_the_region_prompts_with_their_captions(shapes):
+    from pixelllm.box_pixel_pretrain import region_crops
+    from pixelllm.config import preset
+    from pixelllm.data.pipeline import ExampleBuilder, TaskConfig
+    from pixelllm.data.sources import open_source
+    from pixelllm.tokenization import train_tokenizer
+
+    samples = list(open_source("region", shapes).reader)
+    tok = train_tokenizer([t for s in samples for r in s.regions for t in r.texts], vocab_size=300)
+    builder = ExampleBuilder(tok, TaskConfig("region", preset("tiny").image_size, max_prompts=4))
+    crops, labels = region_crops(samples, builder, 10, 16)
+    examples = [builder(s) for s in samples]
+    assert crops.shape == (sum(len(e.targets.prompts) for e in examples), 3, 16, 16)
+    first = examples[0].targets.prompts[0]
+    assert labels[0, : len(first.label_ids)].tolist() == first.label_ids and first.label_ids[-1] == tok.eos_token_id
+    assert (labels[0, len(first.label_ids):] == -100).all()
+    assert crops.std() > 0.05  # the canvas pixels, not padding
+
+
+def test_box_pixel_pretraining_config_errors(tmp_path, shapes):
+    with pytest.raises(ConfigError, match="box_pixel_pretrain needs epochs >= 0"):
+        TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epochs": -1}))
+    with pytest.raises(ConfigError, match="unknown key.*box_pixel_pretrain: epoch"):
+        TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epoch": 2}))
+    no_encoder = TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epochs": 1}))
+    with pytest.raises(ConfigError, match="needs extractor.box_pixels and box_pixel_word_loss_weight"):
+        train(no_encoder, tmp_path / "no_encoder")
+    no_region = TrainConfig.load(_config(tmp_path, shapes, model=_box_pixel_model(), box_pixel_pretrain={"epochs": 1},
+                                         datasets=[{"task": "refer", "data": str(shapes)}]))
+    with pytest.raises(ConfigError, match="needs a region dataset"):
+        train(no_region, tmp_path / "no_region")

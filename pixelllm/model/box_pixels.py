@@ -64,9 +64,13 @@ class BoxPixelEncoder(nn.Module):
         ``(N, 4, lm_dim)``."""
         return self.encode(box_crops(pixels, image_index, boxes, canvas_size, self.resolution))
 
+    def features(self, crops: torch.Tensor) -> torch.Tensor:
+        """``box_crops``' output ``(N, 3, R, R)`` -> the CNN's map ``(N, width, 2, 2)``."""
+        return self.cnn(crops - 0.5)
+
     def encode(self, crops: torch.Tensor) -> torch.Tensor:
         """``box_crops``' output ``(N, 3, R, R)`` -> ``(N, 4, lm_dim)``."""
-        grid = self.cnn(crops - 0.5)  # (N, width, 2, 2)
+        grid = self.features(crops)
         tokens = self.norm(self.projection(grid.flatten(2).transpose(1, 2)))
         if self.training and self.dropout:
             keep = torch.rand(len(tokens), 1, 1, device=tokens.device) >= self.dropout

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -28,6 +29,7 @@ from transformers import (
 
 from pixelllm.config import PixelLLMConfig, preset
 from pixelllm.errors import CheckpointError, ConfigError
+from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS
 from pixelllm.model.extractor import PromptFeatureExtractor
 from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import language_model
@@ -78,8 +80,10 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     proposals = ProposalHead(config.proposal_head, vision.out_channels, config.image_size)
     semantic_channels = vision.out_channels - vision.sam_channels
     words = BoxWordHead(semantic_channels, lm.config.vocab_size) if config.word_loss_weight > 0 else None
+    pixel_words = (nn.Linear(BOX_PIXEL_TOKENS * config.extractor.width, lm.config.vocab_size)
+                   if config.box_pixel_word_loss_weight > 0 else None)
     return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
-                    tokenizer=tokenizer)
+                    pixel_words, tokenizer=tokenizer)
 
 
 def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:

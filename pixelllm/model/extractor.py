@@ -61,6 +61,7 @@ class PromptFeatureExtractor(nn.Module):
         boxes: torch.Tensor,
         canvas_size: int,
         pixels: torch.Tensor,
+        whole: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Extract the visual tokens of each prompt.
 
@@ -73,6 +74,8 @@ class PromptFeatureExtractor(nn.Module):
             boxes: ``(N, 4)`` the prompts' boxes in canvas pixels (a point: a zero-size box);
                 canvas_size: ``S``. Used by ``box_attention``, ``box_geometry`` and ``box_pixels`` only.
             pixels: ``(B, 3, kS, kS)`` the canvas images, read by ``box_pixels`` only.
+            whole: ``(N,)`` bool, the prompts on the whole image: with ``box_pixels_on_whole_image``
+                off, their ``box_pixels`` tokens are zeros.
 
         Returns:
             ``(N, num_tokens, lm_dim)``, with ``box_pixels`` ``(N, num_tokens + 4, lm_dim)``.
@@ -93,7 +96,10 @@ class PromptFeatureExtractor(nn.Module):
         tokens = self.norm(self.lm_projection(tokens))
         if self.box_pixels is None:
             return tokens
-        return torch.cat([tokens, self.box_pixels(pixels, image_index, boxes, canvas_size)], dim=1)
+        box_tokens = self.box_pixels(pixels, image_index, boxes, canvas_size)
+        if whole is not None and not self.config.box_pixels_on_whole_image:
+            box_tokens = box_tokens * ~whole[:, None, None]
+        return torch.cat([tokens, box_tokens], dim=1)
 
     def _box_bias(self, boxes: torch.Tensor, grid: int, canvas_size: int, num_queries: int) -> torch.Tensor:
         """Attention bias ``(N, 1, T + P, G*G)``: 0 where a token may look, -inf elsewhere.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from pixelllm.config import CONFIG_NAME, PixelLLMConfig
 from pixelllm.errors import CheckpointError
+from pixelllm.model.box_pixels import box_crops
 from pixelllm.model.extractor import PromptFeatureExtractor
 from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import LanguageModel
@@ -66,18 +68,19 @@ class PixelLLM(nn.Module):
     Receives its parts (see ``pixelllm.model.build`` for the builders):
     ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
     ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
-    ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``);
-    and the tokenizer of the LM.
+    ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``),
+    ``pixel_word_head`` (a linear layer over the box pixel encoder's 2 x 2 map, or ``None``); and
+    the tokenizer of the LM.
     """
 
     LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
-                  "detection_box", "words")
+                  "detection_box", "words", "pixel_words")
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel,
                  location_head: LocationHead | PointerLocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, word_head: BoxWordHead | None = None,
-                 tokenizer=None):
+                 pixel_word_head: nn.Linear | None = None, tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -88,6 +91,7 @@ class PixelLLM(nn.Module):
         self.mask_head = mask_head
         self.proposal_head = proposal_head
         self.word_head = word_head
+        self.pixel_word_head = pixel_word_head
         self.tokenizer = tokenizer
 
     @property
@@ -127,6 +131,7 @@ class PixelLLM(nn.Module):
             images.features, image_index, self.prompt_encoder(boxes, is_point),
             self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
             _points_as_boxes(boxes, is_point), self.config.image_size, images.pixels,
+            _covers_image(boxes, images.valid_size[image_index]),
         )
 
     def location_cells(self, images: ImageFeatures):
@@ -189,9 +194,10 @@ class PixelLLM(nn.Module):
         if cell_logits is not None:
             losses["selection"] = cell_cross_entropy(cell_logits, *located, self.config.image_size, per_prompt)
             loss = loss + self.config.location_head.selection_weight * losses["selection"]
-        if self.word_head is not None:
-            losses["words"] = self._word_loss(batch, images)
-            loss = loss + self.config.word_loss_weight * losses["words"]
+        if self.word_head is not None or self.pixel_word_head is not None:
+            losses.update(self._word_losses(batch, images))
+            loss = loss + self.config.word_loss_weight * losses.get("words", 0.0) \
+                + self.config.box_pixel_word_loss_weight * losses.get("pixel_words", 0.0)
         has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
         if has_masks or all_heads:
             terms = self._mask_losses(batch, images, visual, hidden, token_boxes)
@@ -210,17 +216,32 @@ class PixelLLM(nn.Module):
             losses.update({f"detection_{name}": value for name, value in detection.items()} if has_boxes else {})
         return PixelLLMOutput(loss=loss, losses=losses, logits=logits, token_boxes=token_boxes)
 
-    def _word_loss(self, batch: dict, images: ImageFeatures) -> torch.Tensor:
-        """The box word head's loss on the captions of a box: prompts with a text target and no
-        location target (region and dense captions), on the semantic tower's channels only (SAM's
-        feed the mask decoder). Trained on every prompt and all channels, it cost masks more
-        (docs/model_card.md, stop 16)."""
+    def _word_losses(self, batch: dict, images: ImageFeatures) -> dict[str, torch.Tensor]:
+        """The word heads' losses on the captions of a box: prompts with a text target and no
+        location target (region and dense captions). ``words``: the box word head on the semantic
+        tower's channels only (SAM's feed the mask decoder; trained on every prompt and all
+        channels, it cost masks more, docs/model_card.md, stop 16). ``pixel_words``: the pixel word
+        head on the box pixel encoder's map of each box."""
         gate = batch["caption_weight"] * (batch["location_weight"] == 0)
         rows = (gate > 0).nonzero()[:, 0]  # pool only the prompts the loss counts
         boxes = _points_as_boxes(batch["prompt_boxes"][rows], batch["prompt_is_point"][rows])
-        semantic = images.features[:, self.vision.sam_channels:]
-        logits = self.word_head(semantic, batch["prompt_image_index"][rows], boxes, self.config.image_size)
-        return box_word_loss(logits, batch["labels"][rows], gate[rows], self.language.eos_token_id)
+        index, size = batch["prompt_image_index"][rows], self.config.image_size
+        words = partial(box_word_loss, labels=batch["labels"][rows], weight=gate[rows],
+                        eos_token_id=self.language.eos_token_id)
+        losses = {}
+        if self.word_head is not None:
+            semantic = images.features[:, self.vision.sam_channels:]
+            losses["words"] = words(self.word_head(semantic, index, boxes, size))
+        if self.pixel_word_head is not None:
+            crops = box_crops(images.pixels, index, boxes, size, self.extractor.box_pixels.resolution)
+            losses["pixel_words"] = words(self.box_pixel_word_logits(crops))
+        return losses
+
+    def box_pixel_word_logits(self, crops: torch.Tensor) -> torch.Tensor:
+        """The pixel word head on the box pixel encoder's 2 x 2 map of ``box_crops``' output
+        ``(N, 3, R, R)``, flattened (the cells the LM reads as 4 tokens; pooled over them, the
+        shapes were learned far slower) -> ``(N, V)``."""
+        return self.pixel_word_head(self.extractor.box_pixels.features(crops).flatten(1))
 
     def _mask_losses(self, batch, images, visual, hidden, token_boxes) -> dict[str, torch.Tensor]:
         """The mask loss of the prompts that have a mask target, prompted with the box at the last
@@ -309,6 +330,13 @@ class PixelLLM(nn.Module):
 def _points_as_boxes(boxes: torch.Tensor, is_point: torch.Tensor) -> torch.Tensor:
     """``(N, 4)`` prompt boxes with each point prompt ``(x0, y0)`` as the empty box ``(x0, y0, x0, y0)``."""
     return torch.where(is_point[:, None], boxes[:, :2].repeat(1, 2), boxes)
+
+
+def _covers_image(boxes: torch.Tensor, valid_size: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: the boxes ``(N, 4)`` (canvas pixels) that span their image's whole resized
+    area ``valid_size (N, 2)`` (width, height), within a pixel: the prompt of traced captions and
+    referring expressions."""
+    return (boxes[:, :2] <= 1).all(1) & (boxes[:, 2:] >= valid_size - 1).all(1)
 
 
 def _load_tokenizer(directory: Path):

@@ -1,5 +1,5 @@
 """The box pixel encoder (``extractor.box_pixels``): where its crops sample, what its tokens see,
-that it learns small shapes, and its config checks."""
+that it learns small shapes, its word loss (``box_pixel_word_loss_weight``), and its config checks."""
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ from pixelllm.errors import ConfigError
 from pixelllm.model import build_model
 from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS, BoxPixelEncoder, box_crops
 from pixelllm.model.pixelllm import PixelLLM
+from pixelllm.model.words import box_word_loss
 
 
 def _ramp(size: int, scale: int = 1) -> torch.Tensor:
@@ -43,9 +44,10 @@ def test_crops_outside_the_canvas_read_zero():
     assert crops[0, :, :, :4].abs().max() == 0 and crops[0, :, :, 4:].min() > 0.99
 
 
-def _box_pixel_config(resolution: int = 16) -> PixelLLMConfig:
+def _box_pixel_config(resolution: int = 16, word_loss_weight: float = 0.0) -> PixelLLMConfig:
     data = tiny_config().to_dict()
     data["extractor"]["box_pixels"] = resolution
+    data["box_pixel_word_loss_weight"] = word_loss_weight
     return PixelLLMConfig.from_dict(data)
 
 
@@ -68,6 +70,23 @@ def test_tokens_are_appended_and_read_only_the_crop():
     own = tokens[:, -BOX_PIXEL_TOKENS:]
     torch.testing.assert_close(far, own)
     assert (near - own).abs().max() > 1e-4  # untrained, the LayerNorm keeps changes small
+
+
+@pytest.mark.parametrize("on_whole_image", [True, False])
+def test_whole_image_prompts_read_box_pixels_unless_turned_off(on_whole_image):
+    data = _box_pixel_config().to_dict()
+    data["extractor"]["box_pixels_on_whole_image"] = on_whole_image
+    torch.manual_seed(0)
+    model = build_model(PixelLLMConfig.from_dict(data)).eval()
+    size = model.config.image_size
+    mask = torch.ones(1, size, size, dtype=torch.bool)
+    mask[:, 120:] = False  # a landscape image: its whole area is 160 x 120 on the canvas
+    images = model.encode_images(torch.rand(1, 3, size, size) * mask, mask)
+    boxes = torch.tensor([[0.0, 0.0, size, 120.0], [0.0, 0.0, size, 100.0], [20.0, 20.0, 40.0, 50.0]])
+    with torch.no_grad():
+        tokens = model.visual_tokens(images, torch.zeros(3, dtype=torch.long), boxes, torch.zeros(3, dtype=torch.bool))
+    zero = (tokens[:, -BOX_PIXEL_TOKENS:] == 0).flatten(1).all(1)
+    assert zero.tolist() == [not on_whole_image, False, False]
 
 
 def test_training_reaches_the_box_pixel_encoder_and_checkpoints_round_trip(tmp_path):
@@ -122,6 +141,56 @@ def test_the_encoder_learns_small_shapes_it_has_not_seen():
     assert accuracy > 0.9, accuracy
 
 
+def test_its_word_loss_alone_teaches_the_encoder_small_shapes_it_has_not_seen():
+    """The same shapes, named by a linear layer over the encoder's 2 x 2 map (as the pixel word head
+    reads it), trained with the box word loss against a caption of one word and EOS."""
+    torch.manual_seed(0)
+    encoder, head, eos = BoxPixelEncoder(16, 32, 32), torch.nn.Linear(BOX_PIXEL_TOKENS * 32, 3), 2
+    optimizer = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
+    pixels, boxes, labels = _small_shapes(512, seed=0)
+    for step in range(400):
+        pick = torch.arange(step * 32, step * 32 + 32) % 512
+        captions = torch.stack([labels[pick], torch.full((32,), eos)], dim=1)
+        logits = head(encoder.features(box_crops(pixels, pick, boxes[pick], 64, 16)).flatten(1))
+        loss = box_word_loss(logits, captions, torch.ones(32), eos)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pixels, boxes, labels = _small_shapes(200, seed=1)
+    with torch.no_grad():
+        predicted = head(encoder.features(box_crops(pixels, torch.arange(200), boxes, 64, 16)).flatten(1)).argmax(-1)
+    accuracy = (predicted == labels).float().mean()
+    assert accuracy > 0.9, accuracy
+
+
+def test_the_model_adds_the_pixel_word_loss_on_captions_of_a_box_and_it_reaches_only_the_cnn():
+    torch.manual_seed(0)
+    model = build_model(_box_pixel_config(word_loss_weight=0.5), tokenizer=tokenizer()).eval()
+    batch = make_batch(model.config)
+    with torch.no_grad():
+        out = model(batch)
+        assert out.losses["pixel_words"].item() > 0 and "words" not in out.losses
+        # Prompt 1 (a point, no location target) is the batch's one caption of a box.
+        assert model(dict(batch, location_weight=torch.ones(3))).losses["pixel_words"].item() == 0
+    head, model.pixel_word_head = model.pixel_word_head, None
+    with torch.no_grad():
+        base = model(batch)
+    torch.testing.assert_close(out.loss, base.loss + 0.5 * out.losses["pixel_words"])
+    model.pixel_word_head = head
+    model(batch).losses["pixel_words"].backward()
+    assert model.extractor.box_pixels.cnn[0].weight.grad.abs().sum() > 0
+    assert model.extractor.box_pixels.projection.weight.grad is None  # it reads the map before the tokens
+    assert all(p.grad is None for p in model.language.parameters())
+
+
+@pytest.mark.parametrize("resolution, weight, message", [(16, -1.0, ">= 0"), (0, 0.5, "needs extractor.box_pixels")])
+def test_the_pixel_word_loss_needs_a_weight_of_zero_or_more_and_box_pixels(resolution, weight, message):
+    data = tiny_config().to_dict()
+    data["extractor"]["box_pixels"], data["box_pixel_word_loss_weight"] = resolution, weight
+    with pytest.raises(ConfigError, match=message):
+        PixelLLMConfig.from_dict(data)
+
+
 def test_dropout_zeroes_whole_prompts_in_training_only():
     torch.manual_seed(0)
     encoder = BoxPixelEncoder(8, 32, 32, dropout=0.5)
@@ -152,3 +221,4 @@ def test_box_pixels_must_be_a_multiple_of_four_from_eight(value):
 def test_off_by_default_and_in_the_presets():
     assert tiny_config().extractor.box_pixels == 0
     assert build_model(tiny_config()).extractor.box_pixels is None
+    assert tiny_config().box_pixel_word_loss_weight == 0 and build_model(tiny_config()).pixel_word_head is None

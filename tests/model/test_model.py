@@ -18,7 +18,7 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
-    assert set(PixelLLM.LOSS_NAMES) - {"words"} == set(out.losses)  # no word head in the tiny preset
+    assert set(PixelLLM.LOSS_NAMES) - {"words", "pixel_words"} == set(out.losses)  # no word heads in the tiny preset
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
