@@ -63,7 +63,7 @@ class ExtractorConfig:
     # slower in the full recipe; docs/model_card.md, stop 19).
     box_pixel_dropout: float = 0.0
     # False: prompts on the whole image (traced captions, referring expressions) get zeros for the
-    # box-pixel tokens; a thumbnail of the image tells nothing the towers do not.
+    # box-pixel tokens, not a thumbnail of the image (masks gained, traced captions lost; stop 20).
     box_pixels_on_whole_image: bool = True
 
 

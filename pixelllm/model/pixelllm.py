@@ -126,12 +126,11 @@ class PixelLLM(nn.Module):
 
     def _extract(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                  is_point: torch.Tensor) -> torch.Tensor:
-        grid = images.features.shape[-1]
+        grid, spans = images.features.shape[-1], _points_as_boxes(boxes, is_point)
         return self.extractor(
             images.features, image_index, self.prompt_encoder(boxes, is_point),
             self.prompt_encoder.no_mask_embedding(grid), self.prompt_encoder.dense_positional_encoding(grid),
-            _points_as_boxes(boxes, is_point), self.config.image_size, images.pixels,
-            _covers_image(boxes, images.valid_size[image_index]),
+            spans, self.config.image_size, images.pixels, _covers_image(spans, images.valid_size[image_index]),
         )
 
     def location_cells(self, images: ImageFeatures):
