@@ -27,3 +27,5 @@ python scripts/region_boxes.py "$run/last" "$test_split" | tee "$run/eval/region
 
 mkdir -p pixelllm/assets/default
 cp "$run"/last/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} pixelllm/assets/default/
+# safetensors writes its files readable by their owner only; the package's files are for everyone
+chmod 644 pixelllm/assets/default/*
