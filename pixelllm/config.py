@@ -90,6 +90,18 @@ class MaskHeadConfig:
 
 
 @dataclass
+class MaskRefinerConfig:
+    """Not in the official design: a small CNN that corrects the mask decoder's canvas logits from
+    the canvas pixels of a square around the box (``pixelllm.model.mask_refiner``). The decoder's
+    output has a quarter of the canvas' resolution; the refiner reads the pixels themselves."""
+
+    resolution: int = 48  # samples per side of the square
+    margin: float = 0.25  # the square's side is the box's longer side times 1 + 2 * margin
+    width: int = 32  # a multiple of 8 (GroupNorm's groups)
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 1])  # one 3 x 3 convolution each
+
+
+@dataclass
 class ProposalHeadConfig:
     """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
 
@@ -118,6 +130,7 @@ class PixelLLMConfig:
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     location_head: LocationHeadConfig = field(default_factory=LocationHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    mask_refiner: MaskRefinerConfig | None = None
     proposal_head: ProposalHeadConfig = field(default_factory=ProposalHeadConfig)
     freeze_sam: bool = True  # SAM image encoder, prompt encoder and mask decoder
     lora_rank: int = 32  # > 0: LM frozen, LoRA on ``lora_targets``; 0: the whole LM trains
@@ -224,6 +237,13 @@ class PixelLLMConfig:
             raise ConfigError(f"box_pixel_word_loss_weight must be >= 0, got {self.box_pixel_word_loss_weight}")
         if self.box_pixel_word_loss_weight and not ex.box_pixels:
             raise ConfigError("box_pixel_word_loss_weight > 0 needs extractor.box_pixels > 0")
+        refiner = self.mask_refiner
+        if refiner is not None and (refiner.resolution < 8 or refiner.width < 8 or refiner.width % 8
+                                    or refiner.margin < 0 or not refiner.dilations or min(refiner.dilations) < 1):
+            raise ConfigError(
+                f"mask_refiner needs resolution >= 8, a width that is a multiple of 8, margin >= 0 and "
+                f"dilations >= 1, got {refiner}"
+            )
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")
@@ -259,6 +279,7 @@ _NESTED = {
     "extractor": ExtractorConfig,
     "location_head": LocationHeadConfig,
     "mask_head": MaskHeadConfig,
+    "mask_refiner": MaskRefinerConfig,
     "proposal_head": ProposalHeadConfig,
 }
 

@@ -80,7 +80,8 @@ class ModelConfig:
 
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
-    init: str | None = None  # a PixelLLM checkpoint directory
+    init: str | None = None  # a PixelLLM checkpoint directory (``overrides`` apply to its config)
+    train_only: list[str] | None = None  # the model's parts that train (``PixelLLM.train_only``); None: all
     sam: str | None = None  # Hugging Face checkpoint directories for build_from_pretrained_parts
     semantic: str | None = None
     lm: str | None = None
@@ -300,15 +301,14 @@ def texts_for_tokenizer(sources) -> list[str]:
 
 def model_config(m: ModelConfig) -> PixelLLMConfig:
     """The config the model of ``m`` will have (the data needs its canvas before the model exists)."""
-    if m.init:
-        return PixelLLMConfig.load(m.init)
-    return PixelLLMConfig.from_dict({**preset(m.preset).to_dict(), **m.overrides})
+    base = PixelLLMConfig.load(m.init) if m.init else preset(m.preset)
+    return PixelLLMConfig.from_dict({**base.to_dict(), **m.overrides})
 
 
 def make_model(config: TrainConfig, tokenizer) -> PixelLLM:
     m = config.model
     if m.init:
-        return PixelLLM.from_pretrained(m.init)
+        return PixelLLM.from_pretrained(m.init, config=model_config(m) if m.overrides else None)
     base = model_config(m)
     if m.sam or m.semantic or m.lm:
         return build_from_pretrained_parts(base, sam=m.sam, semantic=m.semantic, lm=m.lm, tokenizer=m.tokenizer)
@@ -499,6 +499,8 @@ def _setup(config: TrainConfig, resume_from: Path | None):
         tokenizer = model.tokenizer
     for _, builder in sources:
         builder.tokenizer = tokenizer
+    if config.model.train_only is not None:
+        model.train_only(config.model.train_only)
     return tokenizer, sources, model
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch and measure it, as docs/model_card.md reports:
-#   1. train the tiny preset on the shapes world (the data is generated first),
+#   1. train the tiny preset on the shapes world (the data is generated first), then the mask
+#      refiner alone on top of it,
 #   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
 #      break referring localization down by expression form and object size, and probe how much
 #      of each object's shape the image features carry, and how region captions fare with boxes
@@ -8,10 +9,12 @@
 #   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run=${RUN:-runs/shapes_tiny}
+base=runs/shapes_tiny  # where configs/shapes_tiny_masks.yaml finds the first stage
+run=${RUN:-runs/shapes_tiny_masks}
 test_split=${TEST_SPLIT:-runs/shapes_test}
 
-pixelllm train --config configs/shapes_tiny.yaml --out "$run"
+pixelllm train --config configs/shapes_tiny.yaml --out "$base"
+pixelllm train --config configs/shapes_tiny_masks.yaml --out "$run"
 
 if [ ! -f "$test_split/summary.json" ]; then
   python -c "from pixelllm.data.synthetic import generate; generate('$test_split', 500, seed=1, split='test')"
@@ -22,7 +25,7 @@ for task in refer refseg regioncap densecap trace; do
     --report "$run/eval/$task.md" --per-sample "$run/eval/$task.jsonl" | tee "$run/eval/$task.json"
 done
 python scripts/refer_breakdown.py "$run/eval/refer.jsonl" "$test_split" | tee "$run/eval/refer_breakdown.md"
-python scripts/shape_probe.py "$run/last" "$run/data/train" "$test_split" | tee "$run/eval/shape_probe.md"
+python scripts/shape_probe.py "$run/last" "$base/data/train" "$test_split" | tee "$run/eval/shape_probe.md"
 python scripts/region_boxes.py "$run/last" "$test_split" | tee "$run/eval/region_boxes.md"
 
 mkdir -p pixelllm/assets/default

@@ -88,6 +88,25 @@ def test_the_data_follows_the_models_overrides(tmp_path, shapes):
     assert last["step"] == 1 and math.isfinite(last["loss"])
 
 
+def test_a_new_part_trains_alone_from_a_checkpoint(tmp_path, shapes):
+    """``init`` with ``overrides`` adds the mask refiner to a trained model, ``train_only`` trains it
+    alone: the other weights stay the checkpoint's, and the refiner's last layer leaves zero."""
+    from safetensors.torch import load_file
+
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=1)), tmp_path / "base")
+    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["mask_refiner"],
+             "overrides": {"mask_refiner": {"resolution": 16, "width": 8}}}
+    refseg = [{"task": "refseg", "data": str(shapes), "max_prompts": 3}]
+    last = train(TrainConfig.load(_config(tmp_path, shapes, steps=3, model=model, datasets=refseg)), tmp_path / "new")
+    assert last["step"] == 3 and "mask_dice" in last
+    before = load_file(tmp_path / "base" / "last" / "model.safetensors")
+    after = load_file(tmp_path / "new" / "last" / "model.safetensors")
+    new = set(after) - set(before)
+    assert new and all(name.startswith("mask_refiner.") for name in new)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert after["mask_refiner.correction.weight"].abs().sum() > 0
+
+
 def test_a_failing_evaluation_does_not_end_the_run(tmp_path, shapes, capsys):
     missing = tmp_path / "no-such-split"  # evaluation raises DataError at every step
     config = TrainConfig.load(_config(tmp_path, shapes, steps=2, eval={"data": str(missing), "tasks": ["refer"],

@@ -15,6 +15,45 @@ from torch import nn
 BOX_PIXEL_TOKENS = 4  # a 2 x 2 grid over the crop
 
 
+def box_squares(boxes: torch.Tensor, min_side: float, margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The square read around each box: its ``center (N, 2)`` and ``side (N,)`` in canvas pixels.
+
+    Centered on the box ``(N, 4)`` (canvas pixels ``x0, y0, x1, y1``), its side the box's longer side
+    times ``1 + 2 * margin`` and at least ``min_side``, so a box's proportions survive.
+    """
+    center = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1) * (1 + 2 * margin)
+    return center, side.clamp(min=min_side)
+
+
+def square_crops(images: torch.Tensor, image_index: torch.Tensor, center: torch.Tensor, side: torch.Tensor,
+                 canvas_size: int, resolution: int) -> torch.Tensor:
+    """``R x R`` bilinear samples of squares ``(center (N, 2), side (N,))``: ``(N, C, R, R)``.
+
+    Args:
+        images: ``(B, C, kS, kS)`` maps over the canvas (any whole multiple ``k`` of the canvas size
+            ``S``). image_index: ``(N,)`` the map of each square. canvas_size: ``S``. resolution: ``R``.
+
+    Samples outside the canvas read 0.
+    """
+    steps = (torch.arange(resolution, device=side.device, dtype=side.dtype) + 0.5) / resolution - 0.5
+    x = center[:, 0, None] + steps * side[:, None]  # (N, R)
+    y = center[:, 1, None] + steps * side[:, None]
+    # grid_sample's frame (align_corners=False): -1 and 1 are the canvas' outer edges.
+    grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1) / canvas_size * 2 - 1
+    return F.grid_sample(images[image_index], grid.to(images.dtype), mode="bilinear", align_corners=False)
+
+
+def paste_squares(crops: torch.Tensor, center: torch.Tensor, side: torch.Tensor, canvas_size: int) -> torch.Tensor:
+    """The inverse of ``square_crops``: ``(N, C, R, R)`` crops -> ``(N, C, S, S)`` canvas maps, each
+    crop bilinearly resampled onto the canvas pixels its square covers and 0 elsewhere."""
+    pixel = torch.arange(canvas_size, device=side.device, dtype=side.dtype) + 0.5  # canvas pixel centers
+    x = (pixel - center[:, 0, None]) / side[:, None] * 2  # (N, S): -1 and 1 are the square's edges
+    y = (pixel - center[:, 1, None]) / side[:, None] * 2
+    grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)
+    return F.grid_sample(crops, grid.to(crops.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def box_crops(pixels: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, canvas_size: int,
               resolution: int) -> torch.Tensor:
     """Square crops around boxes, bilinearly sampled: ``(N, 3, R, R)``.
@@ -24,18 +63,10 @@ def box_crops(pixels: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tens
         image_index: ``(N,)`` image of each box. boxes: ``(N, 4)`` canvas pixels ``x0, y0, x1, y1``.
         canvas_size: ``S``. resolution: ``R``.
 
-    The square is centered on the box, its side the box's longer side and at least ``R`` canvas
-    pixels (a point prompt, a zero-size box, reads the ``R x R`` pixels around it), so a box's
-    proportions survive; samples outside the canvas read 0.
+    The square (``box_squares``) is at least ``R`` canvas pixels wide: a point prompt, a zero-size
+    box, reads the ``R x R`` pixels around it.
     """
-    center = (boxes[:, :2] + boxes[:, 2:]) / 2  # (N, 2)
-    side = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1).clamp(min=resolution)  # (N,)
-    steps = (torch.arange(resolution, device=boxes.device, dtype=boxes.dtype) + 0.5) / resolution - 0.5
-    x = center[:, 0, None] + steps * side[:, None]  # (N, R)
-    y = center[:, 1, None] + steps * side[:, None]
-    # grid_sample's frame (align_corners=False): -1 and 1 are the canvas' outer edges.
-    grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1) / canvas_size * 2 - 1
-    return F.grid_sample(pixels[image_index], grid.to(pixels.dtype), mode="bilinear", align_corners=False)
+    return square_crops(pixels, image_index, *box_squares(boxes, resolution), canvas_size, resolution)
 
 
 class BoxPixelEncoder(nn.Module):

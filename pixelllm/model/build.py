@@ -33,6 +33,7 @@ from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS
 from pixelllm.model.extractor import PromptFeatureExtractor
 from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import language_model
+from pixelllm.model.mask_refiner import MaskRefiner
 from pixelllm.model.masks import MaskAdapter, MaskHead
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
@@ -82,8 +83,9 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     words = BoxWordHead(semantic_channels, lm.config.vocab_size) if config.word_loss_weight > 0 else None
     pixel_words = (nn.Linear(BOX_PIXEL_TOKENS * config.extractor.width, lm.config.vocab_size)
                    if config.box_pixel_word_loss_weight > 0 else None)
+    refiner = MaskRefiner(config.mask_refiner) if config.mask_refiner is not None else None
     return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
-                    pixel_words, tokenizer=tokenizer)
+                    pixel_words, mask_refiner=refiner, tokenizer=tokenizer)
 
 
 def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:

@@ -13,12 +13,14 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from pixelllm.config import CONFIG_NAME, PixelLLMConfig
-from pixelllm.errors import CheckpointError
+from pixelllm.errors import CheckpointError, ConfigError
 from pixelllm.model.box_pixels import box_crops
 from pixelllm.model.extractor import PromptFeatureExtractor
+from pixelllm.model.frozen import KeepsFrozenInEval
 from pixelllm.model.heads import LocationHead, PointerLocationHead
 from pixelllm.model.language import LanguageModel
 from pixelllm.model.losses import cell_cross_entropy, location_l1, smoothed_cross_entropy
+from pixelllm.model.mask_refiner import MaskRefiner
 from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead, mask_loss, upsample_masks
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead
@@ -62,15 +64,15 @@ class PixelLLMOutput:
     token_boxes: torch.Tensor | None = None
 
 
-class PixelLLM(nn.Module):
+class PixelLLM(KeepsFrozenInEval):
     """The pixel-aligned language model.
 
     Receives its parts (see ``pixelllm.model.build`` for the builders):
     ``vision`` (dual image encoder), ``prompt_encoder``, ``extractor`` (prompt feature extractor),
     ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
     ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``),
-    ``pixel_word_head`` (a linear layer over the box pixel encoder's 2 x 2 map, or ``None``); and
-    the tokenizer of the LM.
+    ``pixel_word_head`` (a linear layer over the box pixel encoder's 2 x 2 map, or ``None``),
+    ``mask_refiner`` (or ``None``); and the tokenizer of the LM.
     """
 
     LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
@@ -80,7 +82,8 @@ class PixelLLM(nn.Module):
                  extractor: PromptFeatureExtractor, language: LanguageModel,
                  location_head: LocationHead | PointerLocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, word_head: BoxWordHead | None = None,
-                 pixel_word_head: nn.Linear | None = None, tokenizer=None):
+                 pixel_word_head: nn.Linear | None = None, mask_refiner: MaskRefiner | None = None,
+                 tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -92,6 +95,7 @@ class PixelLLM(nn.Module):
         self.proposal_head = proposal_head
         self.word_head = word_head
         self.pixel_word_head = pixel_word_head
+        self.mask_refiner = mask_refiner
         self.tokenizer = tokenizer
 
     @property
@@ -150,7 +154,8 @@ class PixelLLM(nn.Module):
 
     def mask_logits(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                     visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
-        """Canvas-size mask logits ``(N, S, S)`` and predicted IoU ``(N,)`` for ``N`` boxes.
+        """Canvas-size mask logits ``(N, S, S)`` (refined by ``mask_refiner`` if the model has one)
+        and predicted IoU ``(N,)`` for ``N`` boxes.
 
         Args:
             boxes: ``(N, 4)`` canvas pixels (the box predicted at the expression's last word).
@@ -159,7 +164,10 @@ class PixelLLM(nn.Module):
         """
         low_res, iou = self.mask_head(self.prompt_encoder, images.sam_embeddings[image_index], boxes, visual,
                                       text, text_mask)
-        return upsample_masks(low_res, self.config.image_size), iou
+        logits = upsample_masks(low_res, self.config.image_size)
+        if self.mask_refiner is not None:
+            logits = self.mask_refiner(images.pixels, image_index, boxes, logits)
+        return logits, iou
 
     def propose(self, images: ImageFeatures,
                 max_proposals: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -268,6 +276,21 @@ class PixelLLM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Parameters and checkpoints
 
+    def train_only(self, parts: list[str]) -> None:
+        """Train only the named parts (``mask_refiner``, ``mask_head``, ...: attributes of this
+        model): the weights of every other part stop taking gradients, and its modules stay in eval
+        mode (no dropout), so that a new part can learn on top of a trained model."""
+        names = [name for name, _ in self.named_children()]
+        unknown = sorted(set(parts) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"train_only names no part of the model: {', '.join(unknown)} (parts: {', '.join(names)})"
+            )
+        self.frozen = tuple(name for name in names if name not in parts)
+        for name in self.frozen:
+            getattr(self, name).requires_grad_(False)
+        self.train(self.training)
+
     def num_parameters(self, trainable: bool | None = None) -> int:
         """Count parameters: all (``None``), only trainable (``True``) or only frozen (``False``)."""
         return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
@@ -303,8 +326,14 @@ class PixelLLM(nn.Module):
         return tied
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> PixelLLM:
-        """Load a directory written by ``save_pretrained`` (safetensors only: no pickle)."""
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                        config: PixelLLMConfig | None = None) -> PixelLLM:
+        """Load a directory written by ``save_pretrained`` (safetensors only: no pickle).
+
+        ``config``: build this config instead of the checkpoint's own (for example its own with a
+        new part): the parts the checkpoint has no weights for keep their fresh initialization,
+        while weights the config has no place for are an error.
+        """
         from pixelllm.model.build import build_model
 
         directory = Path(directory)
@@ -314,17 +343,19 @@ class PixelLLM(nn.Module):
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint directory {directory} lacks {', '.join(missing)}")
-        config = PixelLLMConfig.load(directory)
-        model = build_model(config, tokenizer=_load_tokenizer(directory))
+        model = build_model(config or PixelLLMConfig.load(directory), tokenizer=_load_tokenizer(directory))
         try:
-            load_model(model, weights, strict=True)
+            _, unexpected = load_model(model, weights, strict=config is None)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()
-            raise CheckpointError(f"{weights} does not match its config.json: {first[0] if first else exc}") from None
+            against = "the given config" if config is not None else "its config.json"
+            raise CheckpointError(f"{weights} does not match {against}: {first[0] if first else exc}") from None
+        if unexpected:
+            raise CheckpointError(f"{weights} does not match the given config: it has no place for "
+                                  f"{len(unexpected)} weights, such as {sorted(unexpected)[0]}")
         if device is not None:
             model.to(device)
         return model.eval()
-
 
 def _points_as_boxes(boxes: torch.Tensor, is_point: torch.Tensor) -> torch.Tensor:
     """``(N, 4)`` prompt boxes with each point prompt ``(x0, y0)`` as the empty box ``(x0, y0, x0, y0)``."""

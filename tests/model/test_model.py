@@ -135,3 +135,29 @@ def test_the_semantic_tower_can_take_finer_pixels():
     semantic = slice(model.vision.sam_channels, None)
     assert (detailed[:, semantic] - features[:, semantic]).abs().mean() > 1e-3
     assert torch.isfinite(model({**batch, "pixel_values": fine}).loss)
+
+
+def test_a_checkpoint_loads_into_a_config_with_a_new_part_and_trains_it_alone(tmp_path):
+    """``from_pretrained(config=...)``: the checkpoint's weights in their places, the new mask
+    refiner as built; ``train_only`` leaves every other part without gradients and in eval mode."""
+    from pixelllm.errors import CheckpointError, ConfigError
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    with_refiner = PixelLLMConfig.from_dict({**model.config.to_dict(), "mask_refiner": {"resolution": 16}})
+    grown = PixelLLM.from_pretrained(tmp_path / "ckpt", config=with_refiner)
+    assert grown.mask_refiner is not None
+    own = model.state_dict()
+    for name, value in grown.state_dict().items():
+        if not name.startswith("mask_refiner."):
+            assert torch.equal(value, own[name]), name
+    grown.train_only(["mask_refiner"])
+    grown.train()
+    trainable = {name.split(".")[0] for name, p in grown.named_parameters() if p.requires_grad}
+    assert trainable == {"mask_refiner"}
+    assert grown.mask_refiner.training and not grown.extractor.training and not grown.language.training
+    with pytest.raises(ConfigError, match="train_only names no part of the model: mask_refner"):
+        grown.train_only(["mask_refner"])
+    grown.save_pretrained(tmp_path / "grown")
+    with pytest.raises(CheckpointError, match="has no place for .* weights, such as mask_refiner"):
+        PixelLLM.from_pretrained(tmp_path / "grown", config=model.config)
