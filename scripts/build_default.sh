@@ -3,7 +3,8 @@
 #   1. train the tiny preset on the shapes world (the data is generated first), then the mask
 #      refiner alone on top of it,
 #   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
-#      break referring localization down by expression form and object size, and probe how much
+#      break referring localization down by expression form and object size (and count how often
+#      the object is among the pointer's first peaks), and probe how much
 #      of each object's shape the image features carry, and how region captions fare with boxes
 #      that are not tight,
 #   3. copy the checkpoint (weights, config, tokenizer; no trainer state) into the package.
@@ -25,6 +26,7 @@ for task in refer refseg regioncap densecap trace; do
     --report "$run/eval/$task.md" --per-sample "$run/eval/$task.jsonl" | tee "$run/eval/$task.json"
 done
 python scripts/refer_breakdown.py "$run/eval/refer.jsonl" "$test_split" | tee "$run/eval/refer_breakdown.md"
+python scripts/pointer_recall.py "$run/last" "$run/eval/refer.jsonl" | tee "$run/eval/pointer_recall.md"
 python scripts/shape_probe.py "$run/last" "$base/data/train" "$test_split" | tee "$run/eval/shape_probe.md"
 python scripts/region_boxes.py "$run/last" "$test_split" | tee "$run/eval/region_boxes.md"
 
