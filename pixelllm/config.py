@@ -102,6 +102,16 @@ class MaskRefinerConfig:
 
 
 @dataclass
+class RerankerConfig:
+    """Not in the official design: referring expressions' boxes chosen again among the pointer's
+    ``candidates`` best distinct peaks from their pixels (``pixelllm.model.reranker``; needs the
+    pointer head and ``extractor.box_pixels``)."""
+
+    candidates: int = 3
+    hidden: int = 128
+
+
+@dataclass
 class ProposalHeadConfig:
     """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
 
@@ -131,6 +141,7 @@ class PixelLLMConfig:
     location_head: LocationHeadConfig = field(default_factory=LocationHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     mask_refiner: MaskRefinerConfig | None = None
+    refer_reranker: RerankerConfig | None = None
     proposal_head: ProposalHeadConfig = field(default_factory=ProposalHeadConfig)
     freeze_sam: bool = True  # SAM image encoder, prompt encoder and mask decoder
     lora_rank: int = 32  # > 0: LM frozen, LoRA on ``lora_targets``; 0: the whole LM trains
@@ -244,6 +255,11 @@ class PixelLLMConfig:
                 f"mask_refiner needs resolution >= 8, a width that is a multiple of 8, margin >= 0 and "
                 f"dilations >= 1, got {refiner}"
             )
+        reranker = self.refer_reranker
+        if reranker is not None and (reranker.candidates < 2 or reranker.hidden < 1):
+            raise ConfigError(f"refer_reranker needs candidates >= 2 and hidden >= 1, got {reranker}")
+        if reranker is not None and (self.location_head.kind != "pointer" or not ex.box_pixels):
+            raise ConfigError("refer_reranker needs location_head.kind 'pointer' and extractor.box_pixels > 0")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")
@@ -280,6 +296,7 @@ _NESTED = {
     "location_head": LocationHeadConfig,
     "mask_head": MaskHeadConfig,
     "mask_refiner": MaskRefinerConfig,
+    "refer_reranker": RerankerConfig,
     "proposal_head": ProposalHeadConfig,
 }
 

@@ -196,7 +196,7 @@ class Predictor:
         hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         last = hidden[torch.arange(len(pairs), device=self.device), lengths - 1]  # (N, D)
-        canvas_boxes = self.model.token_boxes(last, features, index).float()
+        canvas_boxes = self.model.refer_boxes(last, features, index).float()
         boxes = [_clip_box(e.transform.boxes_to_original(b), e.image_size)
                  for (e, _), b in zip(pairs, canvas_boxes.cpu().numpy(), strict=True)]
         text_mask = torch.arange(hidden.shape[1], device=self.device) < lengths[:, None]

@@ -88,21 +88,23 @@ def test_the_data_follows_the_models_overrides(tmp_path, shapes):
     assert last["step"] == 1 and math.isfinite(last["loss"])
 
 
-def test_a_new_part_trains_alone_from_a_checkpoint(tmp_path, shapes):
-    """``init`` with ``overrides`` adds the mask refiner to a trained model, ``train_only`` trains it
-    alone: the other weights stay the checkpoint's, and the refiner's last layer leaves zero."""
+def test_new_parts_train_alone_from_a_checkpoint(tmp_path, shapes):
+    """``init`` with ``overrides`` adds the mask refiner and the referring re-ranker to a trained
+    model, ``train_only`` trains them alone: the other weights stay the checkpoint's, and the mask
+    refiner's last layer leaves zero (the re-ranker's may not: after one step of the base, none of its
+    candidates need overlap a target)."""
     from safetensors.torch import load_file
 
-    train(TrainConfig.load(_config(tmp_path, shapes, steps=1)), tmp_path / "base")
-    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["mask_refiner"],
-             "overrides": {"mask_refiner": {"resolution": 16, "width": 8}}}
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=1, model=_box_pixel_model())), tmp_path / "base")
+    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["mask_refiner", "refer_reranker"],
+             "overrides": {"mask_refiner": {"resolution": 16, "width": 8}, "refer_reranker": {"candidates": 2}}}
     refseg = [{"task": "refseg", "data": str(shapes), "max_prompts": 3}]
     last = train(TrainConfig.load(_config(tmp_path, shapes, steps=3, model=model, datasets=refseg)), tmp_path / "new")
-    assert last["step"] == 3 and "mask_dice" in last
+    assert last["step"] == 3 and "mask_dice" in last and "rerank" in last
     before = load_file(tmp_path / "base" / "last" / "model.safetensors")
     after = load_file(tmp_path / "new" / "last" / "model.safetensors")
     new = set(after) - set(before)
-    assert new and all(name.startswith("mask_refiner.") for name in new)
+    assert {name.split(".")[0] for name in new} == {"mask_refiner", "refer_reranker"}
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert after["mask_refiner.correction.weight"].abs().sum() > 0
 

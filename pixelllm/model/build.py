@@ -38,6 +38,7 @@ from pixelllm.model.masks import MaskAdapter, MaskHead
 from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import ProposalHead
+from pixelllm.model.reranker import ReferReranker
 from pixelllm.model.vision import DualImageEncoder
 from pixelllm.model.words import BoxWordHead
 
@@ -84,8 +85,10 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     pixel_words = (nn.Linear(BOX_PIXEL_TOKENS * config.extractor.width, lm.config.vocab_size)
                    if config.box_pixel_word_loss_weight > 0 else None)
     refiner = MaskRefiner(config.mask_refiner) if config.mask_refiner is not None else None
+    reranker = (ReferReranker(config.refer_reranker, language.hidden_size, BOX_PIXEL_TOKENS * config.extractor.width)
+                if config.refer_reranker is not None else None)
     return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
-                    pixel_words, mask_refiner=refiner, tokenizer=tokenizer)
+                    pixel_words, mask_refiner=refiner, refer_reranker=reranker, tokenizer=tokenizer)
 
 
 def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:

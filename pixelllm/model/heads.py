@@ -112,19 +112,58 @@ class PointerLocationHead(nn.Module):
         Returns:
             boxes ``(N, ..., 4)`` canvas pixels; logits ``(N, ..., G*G)`` (-inf on cells wholly in the padding).
         """
+        logits, flat, values, centers = self._cell_logits(hidden, cells, image_index, valid_size)
+        boxes = self._boxes_at(flat, logits, logits.argmax(-1), values, centers)
+        grid = math.isqrt(len(centers))
+        return boxes.view(*hidden.shape[:-1], 4), logits.view(*hidden.shape[:-1], grid * grid)
+
+    def candidates(self, hidden: torch.Tensor, cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   image_index: torch.Tensor, valid_size: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The boxes the head would give at its ``k`` highest distinct peaks, best first: each next
+        peak is the highest cell outside the 3 x 3 cells around the ones before (the first is
+        ``locate``'s box).
+
+        Args:
+            hidden: ``(N, D)`` final hidden states; cells, image_index, valid_size: as ``locate``.
+
+        Returns:
+            boxes ``(N, k, 4)`` canvas pixels and the peaks' logits ``(N, k)``; a row whose image
+            has fewer than ``k`` distinct peaks repeats its first (with its logit).
+        """
+        logits, flat, values, centers = self._cell_logits(hidden[:, None], cells, image_index, valid_size)
+        logits = logits[:, 0]  # (N, GG)
+        cell = self.canvas_size / math.isqrt(len(centers))
+        remaining, peaks = logits, []
+        for _ in range(k):
+            peak = remaining.argmax(-1)  # (N,)
+            exhausted = ~torch.isfinite(remaining.gather(1, peak[:, None]))[:, 0]
+            peaks.append(torch.where(exhausted, peaks[0], peak) if peaks else peak)
+            near = ((centers[None] - centers[peak][:, None]).abs() <= 1.5 * cell).all(-1)  # (N, GG)
+            remaining = remaining.masked_fill(near, float("-inf"))
+        peaks = torch.stack(peaks, dim=1)  # (N, k)
+        boxes = self._boxes_at(flat.expand(-1, k, -1), logits[:, None].expand(-1, k, -1), peaks, values, centers)
+        return boxes, logits.gather(1, peaks)
+
+    def _cell_logits(self, hidden, cells, image_index, valid_size):
+        """Cell logits ``(N, L', G*G)`` of hidden states ``(N, ..., D)`` flattened to ``(N, L', D)``
+        (-inf on cells wholly in the padding), with the flattened states, each row's values and the
+        cell centers."""
         keys, values, centers = cells[0][image_index], cells[1][image_index], cells[2]  # (N, GG, H), (GG, 2)
         grid = math.isqrt(len(centers))
         dtype = keys.dtype
-        hidden = hidden.to(dtype)
-        flat = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])  # (N, L', D)
+        flat = hidden.to(dtype).reshape(hidden.shape[0], -1, hidden.shape[-1])  # (N, L', D)
         logits = torch.einsum("nlh,ngh->nlg", self.query(flat), keys) / math.sqrt(keys.shape[-1])
         cell = self.canvas_size / grid
         inside = (centers[None] - cell / 2 < valid_size[:, None].to(dtype)).all(-1)  # (N, GG) overlaps the image
-        logits = logits.masked_fill(~inside[:, None], float("-inf"))
+        return logits.masked_fill(~inside[:, None], float("-inf")), flat, values, centers
+
+    def _boxes_at(self, flat, logits, peak, values, centers):
+        """Boxes ``(N, L', 4)`` of states ``flat (N, L', D)`` with cell logits ``(N, L', G*G)``
+        around the cells ``peak (N, L')``."""
+        cell = self.canvas_size / math.isqrt(len(centers))
         # Attend within the 3 x 3 cells around the peak: a softmax split between two objects would
         # otherwise average them into a box on neither.
-        peak = centers[logits.argmax(-1)]  # (N, L', 2)
-        near = ((centers - peak[..., None, :]).abs() <= 1.5 * cell).all(-1)  # (N, L', GG)
+        near = ((centers - centers[peak][..., None, :]).abs() <= 1.5 * cell).all(-1)  # (N, L', GG)
         weights = logits.masked_fill(~near, float("-inf")).softmax(-1)
         # The cross-entropy alone trains where to point: an L1 gradient through the anchor is scaled
         # by pixel coordinates, dwarfs every other loss under gradient clipping, and is the plateau
@@ -133,9 +172,7 @@ class PointerLocationHead(nn.Module):
         raw = self.mlp(torch.cat([self.norm(flat), weights @ values], dim=-1))
         center = anchor + raw[..., :2] * cell
         half = raw[..., 2:].clamp(-6, 6).exp() * cell / 2
-        boxes = torch.cat([center - half, center + half], dim=-1)
-        return boxes.view(*hidden.shape[:-1], 4), logits.view(*hidden.shape[:-1], grid * grid)
-
+        return torch.cat([center - half, center + half], dim=-1)
 
 def box_center(boxes: torch.Tensor) -> torch.Tensor:
     """``(..., 4)`` boxes -> ``(..., 2)`` centers."""

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
@@ -23,7 +24,8 @@ from pixelllm.model.losses import cell_cross_entropy, location_l1, smoothed_cros
 from pixelllm.model.mask_refiner import MaskRefiner
 from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead, mask_loss, upsample_masks
 from pixelllm.model.prompt import PromptEncoder
-from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead
+from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead, elementwise_box_iou
+from pixelllm.model.reranker import ReferReranker
 from pixelllm.model.vision import DualImageEncoder
 from pixelllm.model.words import BoxWordHead, box_word_loss
 
@@ -72,18 +74,18 @@ class PixelLLM(KeepsFrozenInEval):
     ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
     ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``),
     ``pixel_word_head`` (a linear layer over the box pixel encoder's 2 x 2 map, or ``None``),
-    ``mask_refiner`` (or ``None``); and the tokenizer of the LM.
+    ``mask_refiner`` and ``refer_reranker`` (or ``None``); and the tokenizer of the LM.
     """
 
     LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
-                  "detection_box", "words", "pixel_words")
+                  "detection_box", "words", "pixel_words", "rerank")
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel,
                  location_head: LocationHead | PointerLocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, word_head: BoxWordHead | None = None,
                  pixel_word_head: nn.Linear | None = None, mask_refiner: MaskRefiner | None = None,
-                 tokenizer=None):
+                 refer_reranker: ReferReranker | None = None, tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -96,6 +98,7 @@ class PixelLLM(KeepsFrozenInEval):
         self.word_head = word_head
         self.pixel_word_head = pixel_word_head
         self.mask_refiner = mask_refiner
+        self.refer_reranker = refer_reranker
         self.tokenizer = tokenizer
 
     @property
@@ -152,6 +155,26 @@ class PixelLLM(KeepsFrozenInEval):
         cells = self.location_cells(images) if cells is None else cells
         return self.location_head.locate(hidden, cells, image_index, images.valid_size[image_index])
 
+    def refer_boxes(self, hidden: torch.Tensor, images: ImageFeatures, image_index: torch.Tensor) -> torch.Tensor:
+        """The box ``(N, 4)`` (canvas pixels) of ``N`` referring expressions from the hidden state
+        ``(N, D)`` at each one's last word: the location head's, or with ``refer_reranker`` the best
+        scored of its candidates."""
+        if self.refer_reranker is None:
+            return self.token_boxes(hidden, images, image_index)
+        boxes, scores = self._rerank(hidden, images, image_index)
+        return boxes[torch.arange(len(boxes), device=boxes.device), scores.argmax(1)]
+
+    def _rerank(self, hidden: torch.Tensor, images: ImageFeatures, image_index: torch.Tensor):
+        """The pointer's candidate boxes ``(N, k, 4)`` (canvas pixels) and the re-ranker's scores ``(N, k)``."""
+        k = self.config.refer_reranker.candidates
+        boxes, pointer_logits = self.location_head.candidates(
+            hidden, self.location_cells(images), image_index, images.valid_size[image_index], k)
+        boxes = boxes.detach()  # the re-ranker chooses among the boxes; it does not move them
+        crops = box_crops(images.pixels, image_index.repeat_interleave(k), boxes.reshape(-1, 4),
+                          self.config.image_size, self.extractor.box_pixels.resolution)
+        pixel_maps = self.extractor.box_pixels.features(crops).flatten(1).view(len(boxes), k, -1)
+        return boxes, self.refer_reranker(hidden, pixel_maps, pointer_logits)
+
     def mask_logits(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                     visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
         """Canvas-size mask logits ``(N, S, S)`` (refined by ``mask_refiner`` if the model has one)
@@ -205,6 +228,9 @@ class PixelLLM(KeepsFrozenInEval):
             losses.update(self._word_losses(batch, images))
             loss = loss + self.config.word_loss_weight * losses.get("words", 0.0) \
                 + self.config.box_pixel_word_loss_weight * losses.get("pixel_words", 0.0)
+        if self.refer_reranker is not None:
+            losses["rerank"] = self._rerank_loss(batch, images, hidden)
+            loss = loss + losses["rerank"]
         has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
         if has_masks or all_heads:
             terms = self._mask_losses(batch, images, visual, hidden, token_boxes)
@@ -243,6 +269,20 @@ class PixelLLM(KeepsFrozenInEval):
             crops = box_crops(images.pixels, index, boxes, size, self.extractor.box_pixels.resolution)
             losses["pixel_words"] = words(self.box_pixel_word_logits(crops))
         return losses
+
+    def _rerank_loss(self, batch: dict, images: ImageFeatures, hidden: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the re-ranker's scores over the candidates of the prompts located at
+        one token (referring expressions), toward the candidate that overlaps the target box most;
+        prompts none of whose candidates reaches IoU 0.5 are left out (0 if none is left)."""
+        located = batch["label_box_mask"][:, :-1]
+        rows = ((located.sum(1) == 1) & (batch["location_weight"] > 0)).nonzero()[:, 0]
+        token = located[rows].float().argmax(1)  # the located label; the state whose input it is: 1 + token
+        boxes, scores = self._rerank(hidden[rows, 1 + token], images, batch["prompt_image_index"][rows])
+        overlap = elementwise_box_iou(boxes, batch["label_boxes"][rows, token][:, None])  # (n, k)
+        reachable = overlap.max(1).values >= 0.5
+        if not bool(reachable.any()):
+            return scores.sum() * 0.0
+        return F.cross_entropy(scores[reachable].float(), overlap[reachable].argmax(1))
 
     def box_pixel_word_logits(self, crops: torch.Tensor) -> torch.Tensor:
         """The pixel word head on the box pixel encoder's 2 x 2 map of ``box_crops``' output

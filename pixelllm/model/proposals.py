@@ -59,7 +59,12 @@ def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU: ``(N, 4)`` and ``(M, 4)`` -> ``(N, M)``."""
-    inter, union = _intersection_union(a[:, None], b[None])
+    return elementwise_box_iou(a[:, None], b[None])
+
+
+def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of broadcastable ``(..., 4)`` boxes."""
+    inter, union = _intersection_union(a, b)
     return inter / (union + _EPS)
 
 

@@ -81,3 +81,23 @@ def test_pointer_split_between_two_objects_boxes_one_of_them_not_the_space_betwe
     boxes, _ = head.locate(torch.randn(1, DIM), head.cells(features), torch.zeros(1, dtype=torch.long), valid)
     cell = CANVAS / GRID
     assert torch.allclose(box_center(boxes[0]), torch.tensor([1.5, 1.5]) * cell, atol=0.05 * cell)
+
+
+def test_candidates_are_distinct_peaks_best_first_and_the_first_is_locates_box():
+    torch.manual_seed(0)
+    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    features, hidden = torch.randn(2, CHANNELS, GRID, GRID), torch.randn(3, DIM)
+    cells, index = head.cells(features), torch.tensor([0, 1, 1])
+    valid = torch.tensor([[CANVAS, CANVAS], [CANVAS, CANVAS / 2]]).float()[index]
+    boxes, logits = head.candidates(hidden, cells, index, valid, 3)
+    assert boxes.shape == (3, 3, 4) and logits.shape == (3, 3)
+    located, all_logits = head.locate(hidden, cells, index, valid)
+    torch.testing.assert_close(boxes[:, 0], located)
+    assert (logits[:, :-1] >= logits[:, 1:]).all()  # best first
+    torch.testing.assert_close(logits[:, 0], all_logits.max(-1).values)
+    centers = head.cell_centers(GRID)
+    peaks = [[int((all_logits[row] == value).nonzero()[0]) for value in logits[row]] for row in range(3)]
+    for row in peaks:  # every two peaks at least two cells apart in x or y
+        for i in range(3):
+            for j in range(i):
+                assert (centers[row[i]] - centers[row[j]]).abs().max() >= 2 * CANVAS / GRID
