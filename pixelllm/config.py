@@ -91,9 +91,9 @@ class MaskHeadConfig:
 
 @dataclass
 class MaskRefinerConfig:
-    """Not in the official design: a small CNN that corrects the mask decoder's canvas logits from
-    the canvas pixels of a square around the box (``pixelllm.model.mask_refiner``). The decoder's
-    output has a quarter of the canvas' resolution; the refiner reads the pixels themselves."""
+    """Not in the official design: the mask decoder's canvas logits cut to a square around the box
+    and corrected there by a small CNN from the square's canvas pixels (``pixelllm.model.mask_refiner``).
+    The decoder's output has a quarter of the canvas' resolution; the refiner reads the pixels."""
 
     resolution: int = 48  # samples per side of the square
     margin: float = 0.25  # the square's side is the box's longer side times 1 + 2 * margin

@@ -276,6 +276,8 @@ class PixelLLM(KeepsFrozenInEval):
         prompts none of whose candidates reaches IoU 0.5 are left out (0 if none is left)."""
         located = batch["label_box_mask"][:, :-1]
         rows = ((located.sum(1) == 1) & (batch["location_weight"] > 0)).nonzero()[:, 0]
+        if len(rows) == 0:
+            return hidden.new_zeros(())
         token = located[rows].float().argmax(1)  # the located label; the state whose input it is: 1 + token
         boxes, scores = self._rerank(hidden[rows, 1 + token], images, batch["prompt_image_index"][rows])
         overlap = elementwise_box_iou(boxes, batch["label_boxes"][rows, token][:, None])  # (n, k)
@@ -396,6 +398,7 @@ class PixelLLM(KeepsFrozenInEval):
         if device is not None:
             model.to(device)
         return model.eval()
+
 
 def _points_as_boxes(boxes: torch.Tensor, is_point: torch.Tensor) -> torch.Tensor:
     """``(N, 4)`` prompt boxes with each point prompt ``(x0, y0)`` as the empty box ``(x0, y0, x0, y0)``."""

@@ -66,3 +66,13 @@ def test_config_errors():
         _config(refer_reranker={"candidates": 1})
     with pytest.raises(ConfigError, match="needs location_head.kind 'pointer' and extractor.box_pixels"):
         PixelLLMConfig.from_dict({**tiny_config().to_dict(), "refer_reranker": {}})
+
+
+def test_its_loss_counts_only_prompts_located_at_one_token():
+    torch.manual_seed(0)
+    model = build_model(_config(), tokenizer=tokenizer())
+    batch = make_batch(model.config)  # a traced caption (many located words), a point prompt, an expression
+    loss = model(batch).losses["rerank"]
+    assert torch.isfinite(loss) and loss >= 0
+    batch["location_weight"][:] = 0  # nothing to locate: no prompt counts
+    assert model(batch).losses["rerank"].item() == 0
