@@ -23,18 +23,17 @@ import numpy as np
 import torch
 
 import pixelllm
+from pixelllm.model import heads
 
 
 def distinct_peaks(logits: torch.Tensor, grid: int, k: int) -> list[tuple[int, int]]:
     """The ``k`` highest cells ``(column, row)`` of ``logits (G*G,)`` (row-major), each outside the
-    3 x 3 cells around every earlier one; fewer if the grid runs out."""
-    scores = logits.reshape(grid, grid).clone().float()
-    peaks = []
-    while len(peaks) < k and torch.isfinite(scores).any():
-        row, column = divmod(int(scores.argmax()), grid)
-        peaks.append((column, row))
-        scores[max(row - 1, 0):row + 2, max(column - 1, 0):column + 2] = float("-inf")
-    return peaks
+    3 x 3 cells around every earlier one (``heads.distinct_peaks``, as the re-ranker takes its
+    candidates); fewer if the grid runs out."""
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centers = torch.stack([columns.flatten(), rows.flatten()], dim=-1).float()  # unit cells
+    peaks = heads.distinct_peaks(logits[None].float(), centers, 1.0, k)[0].tolist()
+    return [(index % grid, index // grid) for index in dict.fromkeys(peaks)]  # a repeat means exhausted
 
 
 def found_at(peaks: list[tuple[int, int]], cell: tuple[int, int]) -> int | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
@@ -86,3 +88,12 @@ def make_batch(config: PixelLLMConfig, seed: int = 0) -> dict:
         "gt_boxes": torch.tensor([[[10.0, 20, 60, 90], [80, 80, 150, 140]], [[30, 30, 70, 60], [0, 0, 0, 0]]]),
         "gt_boxes_mask": torch.tensor([[True, True], [True, False]]), "detection_weight": torch.ones(2),
     }
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module, for testing its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

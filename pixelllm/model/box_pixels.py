@@ -44,12 +44,17 @@ def square_crops(images: torch.Tensor, image_index: torch.Tensor, center: torch.
     return F.grid_sample(images[image_index], grid.to(images.dtype), mode="bilinear", align_corners=False)
 
 
+def square_frame(center: torch.Tensor, side: torch.Tensor, canvas_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canvas pixel centers' columns and rows in each square's frame, ``x (N, S)`` and
+    ``y (N, S)``: -1 and 1 are the square's edges."""
+    pixel = torch.arange(canvas_size, device=side.device, dtype=side.dtype) + 0.5
+    return (pixel - center[:, 0, None]) / side[:, None] * 2, (pixel - center[:, 1, None]) / side[:, None] * 2
+
+
 def paste_squares(crops: torch.Tensor, center: torch.Tensor, side: torch.Tensor, canvas_size: int) -> torch.Tensor:
     """The inverse of ``square_crops``: ``(N, C, R, R)`` crops -> ``(N, C, S, S)`` canvas maps, each
     crop bilinearly resampled onto the canvas pixels its square covers and 0 elsewhere."""
-    pixel = torch.arange(canvas_size, device=side.device, dtype=side.dtype) + 0.5  # canvas pixel centers
-    x = (pixel - center[:, 0, None]) / side[:, None] * 2  # (N, S): -1 and 1 are the square's edges
-    y = (pixel - center[:, 1, None]) / side[:, None] * 2
+    x, y = square_frame(center, side, canvas_size)
     grid = torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), dim=-1)
     return F.grid_sample(crops, grid.to(crops.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
 

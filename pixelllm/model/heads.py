@@ -132,15 +132,7 @@ class PointerLocationHead(nn.Module):
         """
         logits, flat, values, centers = self._cell_logits(hidden[:, None], cells, image_index, valid_size)
         logits = logits[:, 0]  # (N, GG)
-        cell = self.canvas_size / math.isqrt(len(centers))
-        remaining, peaks = logits, []
-        for _ in range(k):
-            peak = remaining.argmax(-1)  # (N,)
-            exhausted = ~torch.isfinite(remaining.gather(1, peak[:, None]))[:, 0]
-            peaks.append(torch.where(exhausted, peaks[0], peak) if peaks else peak)
-            near = ((centers[None] - centers[peak][:, None]).abs() <= 1.5 * cell).all(-1)  # (N, GG)
-            remaining = remaining.masked_fill(near, float("-inf"))
-        peaks = torch.stack(peaks, dim=1)  # (N, k)
+        peaks = distinct_peaks(logits, centers, self.canvas_size / math.isqrt(len(centers)), k)
         boxes = self._boxes_at(flat.expand(-1, k, -1), logits[:, None].expand(-1, k, -1), peaks, values, centers)
         return boxes, logits.gather(1, peaks)
 
@@ -163,8 +155,7 @@ class PointerLocationHead(nn.Module):
         cell = self.canvas_size / math.isqrt(len(centers))
         # Attend within the 3 x 3 cells around the peak: a softmax split between two objects would
         # otherwise average them into a box on neither.
-        near = ((centers - centers[peak][..., None, :]).abs() <= 1.5 * cell).all(-1)  # (N, L', GG)
-        weights = logits.masked_fill(~near, float("-inf")).softmax(-1)
+        weights = logits.masked_fill(~_around(centers, peak, cell), float("-inf")).softmax(-1)
         # The cross-entropy alone trains where to point: an L1 gradient through the anchor is scaled
         # by pixel coordinates, dwarfs every other loss under gradient clipping, and is the plateau
         # that stalled the MLP head (docs/model_card.md).
@@ -173,6 +164,24 @@ class PointerLocationHead(nn.Module):
         center = anchor + raw[..., :2] * cell
         half = raw[..., 2:].clamp(-6, 6).exp() * cell / 2
         return torch.cat([center - half, center + half], dim=-1)
+
+def distinct_peaks(logits: torch.Tensor, centers: torch.Tensor, cell: float, k: int) -> torch.Tensor:
+    """The ``k`` highest cells of each row of ``logits (N, G*G)``, best first, each outside the 3 x 3
+    cells around the ones before: ``(N, k)`` indices. ``centers (G*G, 2)``: the cells' centers,
+    ``cell`` their side. A row with fewer than ``k`` such cells (the rest -inf) repeats its first."""
+    remaining, peaks = logits, []
+    for _ in range(k):
+        peak = remaining.argmax(-1)  # (N,)
+        exhausted = ~torch.isfinite(remaining.gather(1, peak[:, None]))[:, 0]
+        peaks.append(torch.where(exhausted, peaks[0], peak) if peaks else peak)
+        remaining = remaining.masked_fill(_around(centers, peak, cell), float("-inf"))
+    return torch.stack(peaks, dim=1)
+
+
+def _around(centers: torch.Tensor, peak: torch.Tensor, cell: float) -> torch.Tensor:
+    """``(..., G*G)`` bool: the 3 x 3 cells around each cell index of ``peak (...)``."""
+    return ((centers - centers[peak][..., None, :]).abs() <= 1.5 * cell).all(-1)
+
 
 def box_center(boxes: torch.Tensor) -> torch.Tensor:
     """``(..., 4)`` boxes -> ``(..., 2)`` centers."""

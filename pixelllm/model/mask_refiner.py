@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pixelllm.config import MaskRefinerConfig
-from pixelllm.model.box_pixels import box_squares, paste_squares, square_crops
+from pixelllm.model.box_pixels import box_squares, paste_squares, square_crops, square_frame
 
 OUTSIDE_LOGIT = -20.0  # the logit of every canvas pixel outside the box's square (probability 2e-9)
 GROUPS = 8  # GroupNorm after every convolution: without it, training sat at the new refiner's
@@ -59,9 +59,7 @@ class MaskRefiner(nn.Module):
         own = torch.arange(len(coarse), device=coarse.device)
         prior = square_crops(coarse[:, None], own, center, side, size, resolution)
         correction = self.correction(self.cnn(torch.cat([rgb - 0.5, torch.sigmoid(prior) - 0.5], dim=1)))
-        pixel = torch.arange(size, device=coarse.device, dtype=side.dtype) + 0.5  # canvas pixel centers
-        inside_x = (pixel - center[:, 0, None]).abs() <= side[:, None] / 2  # (N, S)
-        inside_y = (pixel - center[:, 1, None]).abs() <= side[:, None] / 2
-        inside = inside_y[:, :, None] & inside_x[:, None, :]
+        x, y = square_frame(center, side, size)
+        inside = (y.abs() <= 1)[:, :, None] & (x.abs() <= 1)[:, None, :]  # (N, S, S)
         refined = coarse + paste_squares(correction, center, side, size)[:, 0]
         return refined.masked_fill(~inside, OUTSIDE_LOGIT)

@@ -164,11 +164,13 @@ class PixelLLM(KeepsFrozenInEval):
         boxes, scores = self._rerank(hidden, images, image_index)
         return boxes[torch.arange(len(boxes), device=boxes.device), scores.argmax(1)]
 
-    def _rerank(self, hidden: torch.Tensor, images: ImageFeatures, image_index: torch.Tensor):
-        """The pointer's candidate boxes ``(N, k, 4)`` (canvas pixels) and the re-ranker's scores ``(N, k)``."""
+    def _rerank(self, hidden: torch.Tensor, images: ImageFeatures, image_index: torch.Tensor, cells=None):
+        """The pointer's candidate boxes ``(N, k, 4)`` (canvas pixels) and the re-ranker's scores
+        ``(N, k)``; ``cells``: ``location_cells(images)`` if already computed."""
         k = self.config.refer_reranker.candidates
+        cells = self.location_cells(images) if cells is None else cells
         boxes, pointer_logits = self.location_head.candidates(
-            hidden, self.location_cells(images), image_index, images.valid_size[image_index], k)
+            hidden, cells, image_index, images.valid_size[image_index], k)
         boxes = boxes.detach()  # the re-ranker chooses among the boxes; it does not move them
         crops = box_crops(images.pixels, image_index.repeat_interleave(k), boxes.reshape(-1, 4),
                           self.config.image_size, self.extractor.box_pixels.resolution)
@@ -213,7 +215,8 @@ class PixelLLM(KeepsFrozenInEval):
         labels = batch["labels"]
         hidden, logits = self.language(visual, batch["input_ids"], batch["attention_mask"], labels)
         # The state whose input is labels[:, j] (position j + 1) locates labels[:, j].
-        token_boxes, cell_logits = self._locate(hidden[:, 1:], images, index)
+        cells = self.location_cells(images)
+        token_boxes, cell_logits = self._locate(hidden[:, 1:], images, index, cells)
         located = (batch["label_boxes"][:, :-1], batch["label_box_mask"][:, :-1], batch["location_weight"])
         per_prompt = self.config.location_average == "prompt"
         losses = {
@@ -229,7 +232,7 @@ class PixelLLM(KeepsFrozenInEval):
             loss = loss + self.config.word_loss_weight * losses.get("words", 0.0) \
                 + self.config.box_pixel_word_loss_weight * losses.get("pixel_words", 0.0)
         if self.refer_reranker is not None:
-            losses["rerank"] = self._rerank_loss(batch, images, hidden)
+            losses["rerank"] = self._rerank_loss(batch, images, hidden, cells)
             loss = loss + losses["rerank"]
         has_masks = "gt_masks" in batch and bool((batch["mask_weight"] > 0).any())
         if has_masks or all_heads:
@@ -270,7 +273,7 @@ class PixelLLM(KeepsFrozenInEval):
             losses["pixel_words"] = words(self.box_pixel_word_logits(crops))
         return losses
 
-    def _rerank_loss(self, batch: dict, images: ImageFeatures, hidden: torch.Tensor) -> torch.Tensor:
+    def _rerank_loss(self, batch: dict, images: ImageFeatures, hidden: torch.Tensor, cells) -> torch.Tensor:
         """Cross-entropy of the re-ranker's scores over the candidates of the prompts located at
         one token (referring expressions), toward the candidate that overlaps the target box most;
         prompts none of whose candidates reaches IoU 0.5 are left out (0 if none is left)."""
@@ -279,7 +282,7 @@ class PixelLLM(KeepsFrozenInEval):
         if len(rows) == 0:
             return hidden.new_zeros(())
         token = located[rows].float().argmax(1)  # the located label; the state whose input it is: 1 + token
-        boxes, scores = self._rerank(hidden[rows, 1 + token], images, batch["prompt_image_index"][rows])
+        boxes, scores = self._rerank(hidden[rows, 1 + token], images, batch["prompt_image_index"][rows], cells)
         overlap = elementwise_box_iou(boxes, batch["label_boxes"][rows, token][:, None])  # (n, k)
         reachable = overlap.max(1).values >= 0.5
         if not bool(reachable.any()):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from helpers import load_script
 
 from pixelllm.assets import DEFAULT_CHECKPOINT
 from pixelllm.cli import main
@@ -17,15 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "pointer_recall.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("pointer_recall", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_peaks_skip_the_cells_around_earlier_ones():
-    script = _script()
+    script = load_script("pointer_recall")
     logits = torch.full((5, 5), -1.0)
     logits[2, 2], logits[2, 3], logits[0, 4], logits[4, 0] = 9.0, 8.0, 7.0, 6.0  # (2, 3) is next to the best
     assert script.distinct_peaks(logits.flatten(), 5, 3) == [(2, 2), (4, 0), (0, 4)]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import load_script
 
 from pixelllm.assets import DEFAULT_CHECKPOINT
 from pixelllm.data.synthetic import generate
@@ -16,15 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "region_boxes.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("region_boxes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_box_changes_by_hand():
-    script = _script()
+    script = load_script("region_boxes")
     boxes = np.array([[10.0, 20.0, 30.0, 60.0]])  # 20 wide, 40 tall, centered at (20, 40)
     np.testing.assert_allclose(script.enlarged(boxes), [[7.0, 14.0, 33.0, 66.0]])
     np.testing.assert_allclose(script.squared(boxes), [[0.0, 20.0, 40.0, 60.0]])
