@@ -109,11 +109,10 @@ def main() -> None:
 
 def hf_generate(predictor: Predictor, encoded, request, tokens: int):
     """``transformers`` greedy ``generate`` from the same encoder inputs (T5 family only)."""
-    model = predictor.model
     with torch.no_grad():
-        _, _, visual, ids, ids_mask = predictor._model_inputs([(encoded, request[0])])
-    embeds, mask = model.language._prefix(visual, ids, ids_mask)
-    lm = model.language.model
+        reader, _, _, ids, ids_mask = predictor._model_inputs([(encoded, request[0])])
+    embeds, mask = reader.language._prefix(reader.visual, ids, ids_mask)
+    lm = reader.language.model
 
     def run():
         with torch.no_grad():

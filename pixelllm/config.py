@@ -112,6 +112,17 @@ class RerankerConfig:
 
 
 @dataclass
+class SceneCaptionerConfig:
+    """Not in the official design: whole-image captions (traced narratives) written by the LM's own
+    copy from the proposal head's best ``objects`` boxes, each read by the box pixel encoder, and
+    each word located at the box of the object its hidden state points to
+    (``pixelllm.model.scene``; needs ``extractor.box_pixels``)."""
+
+    objects: int = 8
+    hidden: int = 128  # width of the word-to-object pointer
+
+
+@dataclass
 class ProposalHeadConfig:
     """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
 
@@ -142,6 +153,7 @@ class PixelLLMConfig:
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     mask_refiner: MaskRefinerConfig | None = None
     refer_reranker: RerankerConfig | None = None
+    scene_captioner: SceneCaptionerConfig | None = None
     proposal_head: ProposalHeadConfig = field(default_factory=ProposalHeadConfig)
     freeze_sam: bool = True  # SAM image encoder, prompt encoder and mask decoder
     lora_rank: int = 32  # > 0: LM frozen, LoRA on ``lora_targets``; 0: the whole LM trains
@@ -260,6 +272,10 @@ class PixelLLMConfig:
             raise ConfigError(f"refer_reranker needs candidates >= 2 and hidden >= 1, got {reranker}")
         if reranker is not None and (self.location_head.kind != "pointer" or not ex.box_pixels):
             raise ConfigError("refer_reranker needs location_head.kind 'pointer' and extractor.box_pixels > 0")
+        scene = self.scene_captioner
+        if scene is not None and (scene.objects < 1 or scene.hidden < 1 or not ex.box_pixels):
+            raise ConfigError(
+                f"scene_captioner needs objects >= 1, hidden >= 1 and extractor.box_pixels > 0, got {scene}")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")
@@ -297,6 +313,7 @@ _NESTED = {
     "mask_head": MaskHeadConfig,
     "mask_refiner": MaskRefinerConfig,
     "refer_reranker": RerankerConfig,
+    "scene_captioner": SceneCaptionerConfig,
     "proposal_head": ProposalHeadConfig,
 }
 

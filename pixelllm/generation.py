@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
+from pixelllm.model.pixelllm import ImageFeatures, LanguageInputs, PixelLLM
 
 NEG_INF = -1.0e9  # finite, so that arithmetic on "impossible" scores stays well defined
 
@@ -79,14 +79,16 @@ class _UncachedStepper:
 @torch.no_grad()
 def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, prompt_boxes: torch.Tensor,
              prompt_is_point: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-             num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6, candidates_per_beam: int = 2,
-             block_repeats: bool = True, use_cache: bool = True, with_boxes: bool = True) -> GenerationOutput:
+             scene: bool = False, num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6,
+             candidates_per_beam: int = 2, block_repeats: bool = True, use_cache: bool = True,
+             with_boxes: bool = True) -> GenerationOutput:
     """Decode a caption and its per-token boxes for each of ``N`` prompts.
 
     Args:
         images: encoded images (``B`` of them). image_index: ``(N,)`` image of each prompt.
         prompt_boxes: ``(N, 4)`` canvas pixels; prompt_is_point: ``(N,)``.
         input_ids, attention_mask: ``(N, Lp)`` text prompts.
+        scene: the prompts caption their whole image (``PixelLLM.language_inputs``).
         num_beams: 1 for greedy. max_new_tokens: at most this many tokens, EOS included.
         length_penalty: the brevity penalty's alpha (beam search only).
         candidates_per_beam: candidates kept per beam and step (the official ``per_node_beam_size``:
@@ -95,20 +97,14 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
         use_cache: False runs the official uncached algorithm (same results, far slower).
         with_boxes: False skips the localization head (captions only; ``boxes`` are zeros).
     """
-    visual = model.visual_tokens(images, image_index, prompt_boxes, prompt_is_point)
-    n = visual.shape[0]
-    inputs = [visual, input_ids, attention_mask]
+    reader = model.language_inputs(images, image_index, prompt_boxes, prompt_is_point, scene)
+    n = reader.visual.shape[0]
+    inputs = [reader.visual, input_ids, attention_mask]
     if num_beams > 1:
         inputs = [x.repeat_interleave(num_beams, dim=0) for x in inputs]
-    stepper = (_CachedStepper if use_cache else _UncachedStepper)(model.language, *inputs)
-
-    search_locate = None
-    if use_cache and with_boxes:  # each step locates its token; else one teacher-forced pass after decoding
-        cells = model.location_cells(images)
-
-        def search_locate(hidden: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-            return model.token_boxes(hidden, images, image_index[prompt_rows], cells)
-
+    stepper = (_CachedStepper if use_cache else _UncachedStepper)(reader.language, *inputs)
+    # each step locates its token; else one teacher-forced pass after decoding
+    search_locate = reader.locate if use_cache and with_boxes else None
     eos = model.language.eos_token_id
     if num_beams > 1:
         out = _beam_search(stepper, search_locate, n, num_beams, max_new_tokens, eos, length_penalty,
@@ -118,8 +114,7 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
     if not with_boxes:
         out.boxes = [torch.zeros(len(s), 4) for s in out.sequences]
     elif not use_cache:
-        out.boxes = teacher_forced_boxes(model, visual, input_ids, attention_mask, out.sequences, images,
-                                         image_index)
+        out.boxes = teacher_forced_boxes(reader, input_ids, attention_mask, out.sequences)
     return out
 
 
@@ -209,21 +204,20 @@ def _brevity_penalty(alpha: float, length: int) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences) -> torch.Tensor:
+def teacher_forced_hidden(reader: LanguageInputs, input_ids, attention_mask, sequences) -> torch.Tensor:
     """The hidden states ``(N, L, D)`` whose inputs are the tokens of each ``sequences[i]`` (row i
-    holds ``len(sequences[i])`` of them, then padding), from one teacher-forced pass."""
+    holds ``len(sequences[i])`` of them, then padding), from one teacher-forced pass of ``reader``'s LM."""
     length = max(len(s) for s in sequences) + 1
+    visual = reader.visual
     labels = torch.full((len(sequences), length), -100, dtype=torch.long, device=visual.device)
     for i, seq in enumerate(sequences):
-        labels[i, : len(seq) + 1] = torch.tensor([*seq, model.language.eos_token_id])
-    hidden, _ = model.language(visual, input_ids, attention_mask, labels)
+        labels[i, : len(seq) + 1] = torch.tensor([*seq, reader.language.eos_token_id])
+    hidden, _ = reader.language(visual, input_ids, attention_mask, labels)
     return hidden[:, 1:]  # position j + 1 reads token j
 
 
-def teacher_forced_boxes(model, visual, input_ids, attention_mask, sequences, images,
-                         image_index) -> list[torch.Tensor]:
-    """Read every token's box with one teacher-forced pass (the official way, after decoding);
-    ``images`` and ``image_index (N,)``: the prompts' encoded images."""
-    boxes = model.token_boxes(teacher_forced_hidden(model, visual, input_ids, attention_mask, sequences),
-                              images, image_index)
+def teacher_forced_boxes(reader: LanguageInputs, input_ids, attention_mask, sequences) -> list[torch.Tensor]:
+    """Read every token's box with one teacher-forced pass (the official way, after decoding)."""
+    hidden = teacher_forced_hidden(reader, input_ids, attention_mask, sequences)
+    boxes = reader.locate(hidden, torch.arange(len(sequences), device=hidden.device))
     return [boxes[i, : len(seq)] for i, seq in enumerate(sequences)]

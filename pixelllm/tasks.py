@@ -49,6 +49,7 @@ class _Prompt:
     box: np.ndarray  # (4,) canvas pixels
     is_point: bool
     text: str
+    scene: bool = False  # a caption of the whole image (``PixelLLM.language_inputs``)
 
 
 @dataclass
@@ -169,9 +170,8 @@ class Predictor:
         caption of ``encoded[i]`` (the trace prompt, teacher-forced): ``(len, 4)`` original pixels."""
         if not encoded:
             return []
-        features, index, visual, input_ids, attention_mask = self._model_inputs(
-            [(e, e._trace_prompt()) for e in encoded])
-        canvas = teacher_forced_boxes(self.model, visual, input_ids, attention_mask, token_ids, features, index)
+        reader, _, _, input_ids, attention_mask = self._model_inputs([(e, e._trace_prompt()) for e in encoded])
+        canvas = teacher_forced_boxes(reader, input_ids, attention_mask, token_ids)
         return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
                 if len(c) else np.zeros((0, 4)) for e, c in zip(encoded, canvas, strict=True)]
 
@@ -190,17 +190,17 @@ class Predictor:
                  for text in image_texts]
         if not pairs:
             return None
-        features, index, visual, input_ids, attention_mask = self._model_inputs(
+        reader, features, index, input_ids, attention_mask = self._model_inputs(
             [(e, e._refer_prompt(text)) for e, text in pairs])
         sequences = [_token_ids(self.tokenizer, text) for _, text in pairs]
-        hidden = teacher_forced_hidden(self.model, visual, input_ids, attention_mask, sequences)
+        hidden = teacher_forced_hidden(reader, input_ids, attention_mask, sequences)
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         last = hidden[torch.arange(len(pairs), device=self.device), lengths - 1]  # (N, D)
         canvas_boxes = self.model.refer_boxes(last, features, index).float()
         boxes = [_clip_box(e.transform.boxes_to_original(b), e.image_size)
                  for (e, _), b in zip(pairs, canvas_boxes.cpu().numpy(), strict=True)]
         text_mask = torch.arange(hidden.shape[1], device=self.device) < lengths[:, None]
-        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, visual, hidden,
+        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, reader.visual, hidden,
                                 text_mask, canvas_boxes, boxes)
 
     @torch.no_grad()
@@ -211,14 +211,16 @@ class Predictor:
             return GenerationOutput([], [], torch.zeros(0))
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
-        return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask, **decoding)
+        return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask,
+                        scene=_all_scene(requests), **decoding)
 
     def _model_inputs(self, requests: list[tuple[EncodedImage, _Prompt]]):
-        """For a teacher-forced pass: the requests' images as one feature batch, each request's image
-        index ``(N,)``, visual tokens ``(N, T, D)``, ``input_ids`` and ``attention_mask`` ``(N, Lp)``."""
+        """For a teacher-forced pass: the requests' ``LanguageInputs``, their images as one feature
+        batch, each request's image index ``(N,)``, ``input_ids`` and ``attention_mask`` ``(N, Lp)``."""
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
-        return features, index, self.model.visual_tokens(features, index, boxes, is_point), input_ids, attention_mask
+        reader = self.model.language_inputs(features, index, boxes, is_point, _all_scene(requests))
+        return reader, features, index, input_ids, attention_mask
 
     def _prompt_tensors(self, requests: list[_Prompt]):
         """``input_ids``, ``attention_mask`` ``(N, Lp)``, canvas ``boxes (N, 4)``, ``is_point (N,)``."""
@@ -283,7 +285,7 @@ class EncodedImage:
     # -- shared steps --------------------------------------------------------------------------
 
     def _trace_prompt(self) -> _Prompt:
-        return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"])
+        return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"], scene=True)
 
     def _region_prompt(self, box) -> _Prompt:
         return _Prompt(self._check_box(box), False, self.predictor.prompts["region"])
@@ -345,6 +347,11 @@ def _stack(encoded: list[EncodedImage]) -> tuple[ImageFeatures, torch.Tensor]:
                                for f in fields(ImageFeatures)))
     index = torch.tensor([position[id(e)] for e in encoded], dtype=torch.long, device=features.features.device)
     return features, index
+
+
+def _all_scene(requests: list[tuple[EncodedImage, _Prompt]]) -> bool:
+    """Whether every request captions its whole image (then the scene captioner, if any, answers them)."""
+    return all(r.scene for _, r in requests)
 
 
 def _per_image(results: list, counts: list[int]) -> list[list]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch and measure it, as docs/model_card.md reports:
 #   1. train the tiny preset on the shapes world (the data is generated first), then the mask
-#      refiner alone on top of it, then the referring re-ranker alone on top of that,
+#      refiner alone on top of it, then the referring re-ranker alone on top of that, then the
+#      scene captioner (traced captions) alone on top of that,
 #   2. evaluate it on a held-out test split (another seed) with `pixelllm eval`, every task, and
 #      break referring localization down by expression form and object size (and count how often
 #      the object is among the pointer's first peaks), and probe how much
@@ -11,12 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=runs/shapes_tiny  # where the later stages' configs find the earlier ones
-run=runs/shapes_tiny_refer
+run=runs/shapes_tiny_scene
 test_split=${TEST_SPLIT:-runs/shapes_test}
 
 pixelllm train --config configs/shapes_tiny.yaml --out "$base"
 pixelllm train --config configs/shapes_tiny_masks.yaml --out runs/shapes_tiny_masks
-pixelllm train --config configs/shapes_tiny_refer.yaml --out "$run"
+pixelllm train --config configs/shapes_tiny_refer.yaml --out runs/shapes_tiny_refer
+pixelllm train --config configs/shapes_tiny_scene.yaml --out "$run"
 
 if [ ! -f "$test_split/summary.json" ]; then
   python -c "from pixelllm.data.synthetic import generate; generate('$test_split', 500, seed=1, split='test')"

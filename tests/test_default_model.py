@@ -1,7 +1,8 @@
 """The embedded default ships, loads, and does what its model card says it does on scenes it has never
 seen: a fresh test split of the shapes world (find the objects, name their colors and shapes), and
 scenes drawn here with plain PIL by other code, with other layouts, sizes and object counts (name a
-boxed object, find and segment the object a referring expression names)."""
+boxed object, find and segment the object a referring expression names, caption the scene with
+each color and shape word on its object)."""
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from pixelllm.assets import DEFAULT_CHECKPOINT
 from pixelllm.data.shapes.vocab import COLORS, SHAPES
 from pixelllm.data.sources import open_source
 from pixelllm.evaluate.boxes import box_iou
+from pixelllm.evaluate.shapes import lower_words, mentions
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,29 @@ def segmented_iou(predictor, scenes: int, seed: int = 0) -> float:
 
 def test_it_segments_named_objects_in_scenes_drawn_by_other_code(predictor):
     assert segmented_iou(predictor, scenes=12) >= 0.8  # measured 0.95; without the mask refiner 0.58
+
+
+def grounded_fraction(predictor, scenes: int, seed: int = 0) -> tuple[int, int]:
+    """(grounded, total): color and shape words of the traced captions of scenes drawn by other code
+    whose point lies in the box of an object of the mention's color and shape (word grounding as the
+    model card measures it; sizes are not checked: these scenes draw any size, not two bands)."""
+    rng = np.random.default_rng(seed)
+    grounded = total = 0
+    for _ in range(scenes):
+        image, objects = drawn_scene(rng)
+        caption = predictor.encode(image).caption()
+        words = [(lower_words(w.text) or [""])[0] for w in caption.words]
+        for indices, said in mentions(words):
+            boxes = [box for color, shape, box in objects
+                     if said.get("color", color) == color and said.get("shape", shape) == shape]
+            for i in indices:
+                x, y = caption.words[i].point
+                total += 1
+                grounded += any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes)
+    return grounded, total
+
+
+def test_its_traced_captions_point_at_what_they_name_in_scenes_drawn_by_other_code(predictor):
+    grounded, total = grounded_fraction(predictor, scenes=12)
+    # measured 94 % (51 of 54 words), 95 % on 40 other scenes; stop 22's default: 3 of 24
+    assert total >= 40 and grounded / total >= 0.85

@@ -17,6 +17,7 @@ import torch
 from pixelllm.data.pipeline import Example
 
 IGNORE_INDEX = -100
+SCENE_TASKS = ("trace", "caption")  # the tasks whose prompts caption the whole image
 
 
 def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[str, Any] | None:
@@ -50,6 +51,7 @@ def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[s
         "label_box_mask": torch.zeros((n, lt), dtype=torch.bool),
         "caption_weight": torch.tensor([p.caption_weight for _, p in prompts], dtype=torch.float32),
         "location_weight": torch.tensor([p.location_weight for _, p in prompts], dtype=torch.float32),
+        "prompt_scene": torch.tensor([p.task in SCENE_TASKS for _, p in prompts], dtype=torch.bool),
     }
     for i, (_, p) in enumerate(prompts):
         batch["input_ids"][i, : len(p.prompt_ids)] = torch.tensor(p.prompt_ids, dtype=torch.long)

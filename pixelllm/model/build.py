@@ -39,6 +39,7 @@ from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import ProposalHead
 from pixelllm.model.reranker import ReferReranker
+from pixelllm.model.scene import SceneCaptioner
 from pixelllm.model.vision import DualImageEncoder
 from pixelllm.model.words import BoxWordHead
 
@@ -87,8 +88,11 @@ def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, l
     refiner = MaskRefiner(config.mask_refiner) if config.mask_refiner is not None else None
     reranker = (ReferReranker(config.refer_reranker, language.hidden_size, BOX_PIXEL_TOKENS * config.extractor.width)
                 if config.refer_reranker is not None else None)
+    scene = (SceneCaptioner(config.scene_captioner, copy.deepcopy(language), language.hidden_size, BOX_PIXEL_TOKENS)
+             if config.scene_captioner is not None else None)
     return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
-                    pixel_words, mask_refiner=refiner, refer_reranker=reranker, tokenizer=tokenizer)
+                    pixel_words, mask_refiner=refiner, refer_reranker=reranker, scene_captioner=scene,
+                    tokenizer=tokenizer)
 
 
 def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:

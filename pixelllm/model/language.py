@@ -133,8 +133,12 @@ class EncoderDecoderLM(LanguageModel):
             past_key_values=cache, use_cache=cache is not None,
         )
         hidden = out.last_hidden_state
+        return hidden, self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``(..., vocab)`` of final hidden states ``(..., D)``."""
         scaled = hidden * self.model.model_dim**-0.5 if self.model.config.scale_decoder_outputs else hidden
-        return hidden, self.model.lm_head(scaled)
+        return self.model.lm_head(scaled)
 
 
 class DecoderOnlyLM(LanguageModel):
@@ -171,6 +175,10 @@ class DecoderOnlyLM(LanguageModel):
     def select(self, state: DecodeState, index: torch.Tensor) -> DecodeState:
         state.cache.reorder_cache(index)
         return replace(state, attention_mask=state.attention_mask[index], next_position=state.next_position[index])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``(..., vocab)`` of final hidden states ``(..., D)``."""
+        return self.model.get_output_embeddings()(hidden)
 
     def _run(self, state, embeds, positions):
         out = self.model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from pixelllm.model.masks import DICE_WEIGHT, FOCAL_WEIGHT, IOU_WEIGHT, MaskHead
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.proposals import BOX_LOSS_WEIGHT, HEATMAP_LOSS_WEIGHT, ProposalHead, elementwise_box_iou
 from pixelllm.model.reranker import ReferReranker
+from pixelllm.model.scene import ObjectConditionedLM, SceneCaptioner, pointer_loss, pointer_targets
 from pixelllm.model.vision import DualImageEncoder
 from pixelllm.model.words import BoxWordHead, box_word_loss
 
@@ -52,6 +54,32 @@ class ImageFeatures:
 
 
 @dataclass
+class LanguageInputs:
+    """What a pass of a language model over ``N`` prompts needs: the ``language`` model, the
+    prompts' ``visual`` tokens ``(N, T, D)``, and ``locate(hidden (M, ..., D), rows (M,))``, which
+    gives the canvas-pixel boxes ``(M, ..., 4)`` of hidden states of the prompts ``rows``."""
+
+    language: LanguageModel | ObjectConditionedLM
+    visual: torch.Tensor
+    locate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SceneObjects:
+    """The scene captioner's objects of ``N`` prompts: ``boxes (N, K, 4)`` canvas pixels, their
+    detection ``scores (N, K)`` (0: padding), ``tokens (N, K, T, D)``."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(N, K)`` bool: False for padding."""
+        return self.scores > 0
+
+
+@dataclass
 class PixelLLMOutput:
     """Training outputs.
 
@@ -74,18 +102,20 @@ class PixelLLM(KeepsFrozenInEval):
     ``language`` (LM adapter), ``location_head``, ``mask_head`` (SAM decoder + adapter),
     ``proposal_head`` (dense captioning's detector), ``word_head`` (the box word head, or ``None``),
     ``pixel_word_head`` (a linear layer over the box pixel encoder's 2 x 2 map, or ``None``),
-    ``mask_refiner`` and ``refer_reranker`` (or ``None``); and the tokenizer of the LM.
+    ``mask_refiner``, ``refer_reranker`` and ``scene_captioner`` (or ``None``); and the tokenizer of
+    the LM.
     """
 
     LOSS_NAMES = ("text", "location", "selection", "mask_focal", "mask_dice", "mask_iou", "detection_heatmap",
-                  "detection_box", "words", "pixel_words", "rerank")
+                  "detection_box", "words", "pixel_words", "rerank", "scene_text", "scene_pointer")
 
     def __init__(self, config: PixelLLMConfig, vision: DualImageEncoder, prompt_encoder: PromptEncoder,
                  extractor: PromptFeatureExtractor, language: LanguageModel,
                  location_head: LocationHead | PointerLocationHead,
                  mask_head: MaskHead, proposal_head: ProposalHead, word_head: BoxWordHead | None = None,
                  pixel_word_head: nn.Linear | None = None, mask_refiner: MaskRefiner | None = None,
-                 refer_reranker: ReferReranker | None = None, tokenizer=None):
+                 refer_reranker: ReferReranker | None = None, scene_captioner: SceneCaptioner | None = None,
+                 tokenizer=None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -99,6 +129,7 @@ class PixelLLM(KeepsFrozenInEval):
         self.pixel_word_head = pixel_word_head
         self.mask_refiner = mask_refiner
         self.refer_reranker = refer_reranker
+        self.scene_captioner = scene_captioner
         self.tokenizer = tokenizer
 
     @property
@@ -200,6 +231,55 @@ class PixelLLM(KeepsFrozenInEval):
         outputs = self.proposal_head(images.features)
         return self.proposal_head.proposals(outputs, images.valid_size, max_proposals=max_proposals)
 
+    def language_inputs(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                        is_point: torch.Tensor, scene: bool = False) -> LanguageInputs:
+        """What the LM needs to read or write the text of ``N`` prompts (``image_index``, ``boxes``
+        and ``is_point`` as ``visual_tokens``). ``scene``: the prompts caption their whole image
+        (traced captions); with a ``scene_captioner`` they go to it."""
+        if scene and self.scene_captioner is not None:
+            return self._scene_inputs(images, image_index, boxes, is_point)[0]
+        visual = self.visual_tokens(images, image_index, boxes, is_point)
+        cells = []  # computed on the first call, then reused at every decoding step
+
+        def locate_on_cells(hidden, rows):
+            if not cells:
+                cells.append(self.location_cells(images))
+            return self.token_boxes(hidden, images, image_index[rows], cells[0])
+
+        return LanguageInputs(self.language, visual, locate_on_cells)
+
+    def _scene_inputs(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                      is_point: torch.Tensor) -> tuple[LanguageInputs, SceneObjects]:
+        """``language_inputs`` of the scene captioner, and the objects its LM reads after the prompt's tokens."""
+        objects = self.scene_objects(images, image_index)
+        visual = torch.cat([self.visual_tokens(images, image_index, boxes, is_point), objects.tokens.flatten(1, 2)],
+                           dim=1)
+
+        def locate_on_objects(hidden, rows):
+            return self.scene_captioner.locate(hidden, objects.tokens[rows], objects.boxes[rows], objects.valid[rows])
+
+        language = ObjectConditionedLM(self.scene_captioner, objects.tokens.shape[2])
+        return LanguageInputs(language, visual, locate_on_objects), objects
+
+    def scene_objects(self, images: ImageFeatures, image_index: torch.Tensor) -> SceneObjects:
+        """The scene captioner's objects for prompts on images ``image_index (N,)``: the proposal
+        head's best ``scene_captioner.objects`` boxes of each image, however low their score (which
+        the captioner reads; no gradient flows into the choice), read by the box pixel encoder."""
+        k, canvas = self.scene_captioner.config.objects, self.config.image_size
+        with torch.no_grad():
+            found = self.proposal_head.proposals(self.proposal_head(images.features), images.valid_size,
+                                                 max_proposals=k, score_threshold=0.0)
+        boxes = images.features.new_zeros(len(found), k, 4)
+        scores = images.features.new_zeros(len(found), k)
+        for i, (image_boxes, image_scores) in enumerate(found):
+            boxes[i, : len(image_boxes)], scores[i, : len(image_scores)] = image_boxes, image_scores
+        boxes, scores = boxes[image_index], scores[image_index]
+        pixel_tokens = self.extractor.box_pixels(images.pixels, image_index.repeat_interleave(k),
+                                                 boxes.reshape(-1, 4), canvas)
+        tokens = self.scene_captioner.object_tokens(pixel_tokens.view(len(boxes), k, *pixel_tokens.shape[1:]),
+                                                    boxes, scores, canvas, images.valid_size[image_index].amin(1))
+        return SceneObjects(boxes, scores, tokens)
+
     # ------------------------------------------------------------------------------------------
     # Training
 
@@ -208,8 +288,37 @@ class PixelLLM(KeepsFrozenInEval):
 
         ``all_heads``: run the mask and proposal heads even when the batch has no target for them
         (with zero weight), so that every parameter takes part in every step, as FSDP requires.
+        With a ``scene_captioner``, the whole-image captions (``prompt_scene``) train it, and the rest
+        of the model sees them with zero weight (or not at all when the batch has nothing else).
         """
         images = self.encode_images(batch["pixel_values"], batch["pixel_mask"])
+        scene = batch.get("prompt_scene") if self.scene_captioner is not None else None
+        if scene is None or not bool(scene.any()):
+            return self._losses(batch, images, all_heads)
+        losses = self._scene_losses(batch, images, scene.nonzero()[:, 0])
+        loss = losses["scene_text"] + losses["scene_pointer"]
+        if bool(scene.all()) and not all_heads:
+            return PixelLLMOutput(loss=loss, losses=losses)
+        rest = {**batch, **{key: batch[key] * ~scene for key in ("caption_weight", "location_weight")}}
+        out = self._losses(rest, images, all_heads)
+        return PixelLLMOutput(out.loss + loss, {**out.losses, **losses}, out.logits, out.token_boxes)
+
+    def _scene_losses(self, batch: dict, images: ImageFeatures, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scene captioner's losses on the prompts ``rows``: its LM's text loss and the
+        cross-entropy of its tokens' object logits toward the object that holds each located token's target."""
+        index, labels = batch["prompt_image_index"][rows], batch["labels"][rows]
+        inputs, objects = self._scene_inputs(images, index, batch["prompt_boxes"][rows], batch["prompt_is_point"][rows])
+        hidden, logits = inputs.language(inputs.visual, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                         labels)
+        pointer = self.scene_captioner.location_logits(hidden[:, 1:], objects.tokens, objects.valid)
+        located = batch["label_box_mask"][rows, :-1] & (batch["location_weight"][rows, None] > 0)
+        targets = pointer_targets(batch["label_boxes"][rows, :-1], located, objects.boxes, objects.scores)
+        return {"scene_text": smoothed_cross_entropy(logits, labels, batch["caption_weight"][rows],
+                                                     self.config.label_smoothing),
+                "scene_pointer": pointer_loss(pointer, targets)}
+
+    def _losses(self, batch: dict, images: ImageFeatures, all_heads: bool) -> PixelLLMOutput:
+        """``forward``'s losses of every part but the scene captioner."""
         index = batch["prompt_image_index"]
         visual = self.visual_tokens(images, index, batch["prompt_boxes"], batch["prompt_is_point"])
         labels = batch["labels"]
@@ -376,8 +485,9 @@ class PixelLLM(KeepsFrozenInEval):
         """Load a directory written by ``save_pretrained`` (safetensors only: no pickle).
 
         ``config``: build this config instead of the checkpoint's own (for example its own with a
-        new part): the parts the checkpoint has no weights for keep their fresh initialization,
-        while weights the config has no place for are an error.
+        new part): the parts the checkpoint has no weights for keep their fresh initialization (a new
+        scene captioner's LM starts as a copy of the model's), while weights the config has no place
+        for are an error.
         """
         from pixelllm.model.build import build_model
 
@@ -390,7 +500,7 @@ class PixelLLM(KeepsFrozenInEval):
             raise CheckpointError(f"checkpoint directory {directory} lacks {', '.join(missing)}")
         model = build_model(config or PixelLLMConfig.load(directory), tokenizer=_load_tokenizer(directory))
         try:
-            _, unexpected = load_model(model, weights, strict=config is None)
+            missing, unexpected = load_model(model, weights, strict=config is None)
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()
             against = "the given config" if config is not None else "its config.json"
@@ -398,6 +508,8 @@ class PixelLLM(KeepsFrozenInEval):
         if unexpected:
             raise CheckpointError(f"{weights} does not match the given config: it has no place for "
                                   f"{len(unexpected)} weights, such as {sorted(unexpected)[0]}")
+        if any(name.startswith("scene_captioner.language.") for name in missing):
+            model.scene_captioner.language.load_state_dict(model.language.state_dict())  # a new one starts as a copy
         if device is not None:
             model.to(device)
         return model.eval()

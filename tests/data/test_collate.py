@@ -81,11 +81,13 @@ def test_contract_keys_dtypes_shapes(tokenizer, samples):
         "label_box_mask": (torch.bool, (n_prompts, lt)),
         "caption_weight": (torch.float32, (n_prompts,)),
         "location_weight": (torch.float32, (n_prompts,)),
+        "prompt_scene": (torch.bool, (n_prompts,)),
     }
     assert set(batch) == set(expected) | {"meta"}
     for key, (dtype, shape) in expected.items():
         assert batch[key].dtype == dtype and tuple(batch[key].shape) == shape, key
     assert batch["prompt_image_index"].tolist() == [0, 0, 0, 1]
+    assert batch["prompt_scene"].tolist() == [False, False, False, True]  # the whole-image caption
     assert batch["caption_weight"].tolist() == [0, 0, 0, 1] and batch["location_weight"].tolist() == [
         1,
         1,

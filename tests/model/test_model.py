@@ -18,7 +18,8 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
-    assert set(PixelLLM.LOSS_NAMES) - {"words", "pixel_words", "rerank"} == set(out.losses)  # none of the options
+    options = {"words", "pixel_words", "rerank", "scene_text", "scene_pointer"}
+    assert set(PixelLLM.LOSS_NAMES) - options == set(out.losses)  # none of the options
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
