@@ -113,13 +113,13 @@ class RerankerConfig:
 
 @dataclass
 class SceneCaptionerConfig:
-    """Not in the official design: whole-image captions (traced narratives) written by the LM's own
-    copy from the proposal head's best ``objects`` boxes, each read by the box pixel encoder, and
-    each word located at the box of the object its hidden state points to
-    (``pixelllm.model.scene``; needs ``extractor.box_pixels``)."""
+    """Not in the official design: whole-image captions (traced narratives) written by a copy of
+    the LM from the proposal head's best ``objects`` boxes, each read by the box pixel encoder, and
+    each word located on the box of the object it was written from (``pixelllm.model.scene``;
+    needs ``extractor.box_pixels``)."""
 
     objects: int = 8
-    hidden: int = 128  # width of the word-to-object pointer
+    hidden: int = 128  # width of the matches between the LM's states and the objects
 
 
 @dataclass

@@ -205,8 +205,9 @@ def _brevity_penalty(alpha: float, length: int) -> float:
 
 
 def teacher_forced_hidden(reader: LanguageInputs, input_ids, attention_mask, sequences) -> torch.Tensor:
-    """The hidden states ``(N, L, D)`` whose inputs are the tokens of each ``sequences[i]`` (row i
-    holds ``len(sequences[i])`` of them, then padding), from one teacher-forced pass of ``reader``'s LM."""
+    """The states ``(N, L, S)`` whose inputs are the tokens of each ``sequences[i]`` (row i holds
+    ``len(sequences[i])`` of them, then padding), from one teacher-forced pass of ``reader``'s LM
+    (``LanguageInputs``: hidden states, ``S = D``, unless the scene captioner's)."""
     length = max(len(s) for s in sequences) + 1
     visual = reader.visual
     labels = torch.full((len(sequences), length), -100, dtype=torch.long, device=visual.device)

@@ -56,8 +56,10 @@ class ImageFeatures:
 @dataclass
 class LanguageInputs:
     """What a pass of a language model over ``N`` prompts needs: the ``language`` model, the
-    prompts' ``visual`` tokens ``(N, T, D)``, and ``locate(hidden (M, ..., D), rows (M,))``, which
-    gives the canvas-pixel boxes ``(M, ..., 4)`` of hidden states of the prompts ``rows``."""
+    prompts' ``visual`` tokens ``(N, T, D)``, and ``locate(states (M, ..., S), rows (M,))``, which
+    gives the canvas-pixel boxes ``(M, ..., 4)`` of the tokens read by ``states`` of the prompts
+    ``rows``, the states as ``language`` returns them (the LM's hidden states, ``S = D``; the scene
+    captioner's: ``S = D + K``, see ``ObjectConditionedLM``)."""
 
     language: LanguageModel | ObjectConditionedLM
     visual: torch.Tensor
@@ -67,7 +69,7 @@ class LanguageInputs:
 @dataclass
 class SceneObjects:
     """The scene captioner's objects of ``N`` prompts: ``boxes (N, K, 4)`` canvas pixels, their
-    detection ``scores (N, K)`` (0: padding), ``tokens (N, K, T, D)``."""
+    detection ``scores (N, K)`` (0: padding), ``tokens (N, K, T, D)`` (all zeros for padding)."""
 
     boxes: torch.Tensor
     scores: torch.Tensor

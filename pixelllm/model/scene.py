@@ -6,9 +6,10 @@ from the whole image's 16 tokens its traced captions named objects that are not 
 their words pointed into the object they name 7 % of the time (docs/model_card.md). The scene
 captioner gives whole-image captions what region captions have, once per object:
 
-- **objects**: the proposal head's ``objects`` best boxes of the image (padded with empty boxes of
-  score 0), each read by the box pixel encoder into its 4 tokens, plus a learned embedding of the
-  box (canvas fractions) and its detection score; the LM reads them after the prompt's own tokens;
+- **objects**: the proposal head's ``objects`` best boxes of the image, however low their score
+  (padded with all-zero tokens where it has fewer), each read by the box pixel encoder into its 4
+  tokens, plus a learned embedding of the box (canvas fractions), its detection score and its size
+  (its longer side over the image's shorter side); the LM reads them after the prompt's own tokens;
 - **its own LM**, a copy of the model's (initialized from it), so that learning to write from
   objects leaves every other task's LM as it was;
 - **object-conditioned words**: the next word's logits read the hidden state plus a projection of
@@ -44,11 +45,10 @@ class SceneCaptioner(nn.Module):
         self.language = language
         self.placement = nn.Linear(6, lm_dim)
         object_dim = tokens_per_object * lm_dim  # an object's tokens side by side: the 2 x 2 map keeps its layout
-        self.query = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, config.hidden))
+        # two queries: the state that reads a word already writes the next one, often about another object
+        self.reader = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, config.hidden))
         self.key = nn.Sequential(nn.LayerNorm(object_dim, eps=1e-6), nn.Linear(object_dim, config.hidden))
-        # the next word's objects: its own query, for the state that locates a mention's last word
-        # already writes what follows it
-        self.next_query = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, config.hidden))
+        self.writer = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, config.hidden))
         self.fuse = nn.Linear(object_dim, lm_dim)
         nn.init.zeros_(self.fuse.weight)
         nn.init.zeros_(self.fuse.bias)
@@ -64,13 +64,13 @@ class SceneCaptioner(nn.Module):
         placement = torch.cat([boxes / canvas_size, scores[..., None], longer[..., None]], dim=-1)
         return (pixel_tokens + self.placement(placement)[:, :, None]) * (scores > 0)[:, :, None, None]
 
-    def pointer_logits(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor,
-                       query: nn.Module | None = None) -> torch.Tensor:
-        """How well each hidden state ``(N, ..., D)`` matches each object of its prompt (``objects
-        (N, K, T, D)``, ``valid (N, K)`` bool) -> ``(N, ..., K)``; padding objects get ``NEG_INF``.
-        ``query``: the projection of the states (default: the reader's, ``self.query``)."""
+    def match_logits(self, query: nn.Module, hidden: torch.Tensor, objects: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+        """How well each hidden state ``(N, ..., D)``, projected by ``query`` (``reader`` or
+        ``writer``), matches each object of its prompt (``objects (N, K, T, D)``, ``valid (N, K)``
+        bool) -> ``(N, ..., K)``; padding objects get ``NEG_INF``."""
         keys = self.key(objects.flatten(2))  # (N, K, H)
-        queries = (query or self.query)(hidden.to(keys.dtype))
+        queries = query(hidden.to(keys.dtype))
         flat = queries.reshape(len(queries), -1, queries.shape[-1])  # (N, M, H)
         logits = flat @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
         logits = logits.masked_fill(~valid[:, None], NEG_INF)
@@ -79,7 +79,7 @@ class SceneCaptioner(nn.Module):
     def write(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor):
         """The next word from hidden states ``(N, ..., D)``: its vocabulary logits ``(N, ..., V)``,
         read from the state plus the objects it attends to, and the attention's logits ``(N, ..., K)``."""
-        attention = self.pointer_logits(hidden, objects, valid, self.next_query)
+        attention = self.match_logits(self.writer, hidden, objects, valid)
         weights = attention.softmax(-1)
         flat = weights.reshape(len(weights), -1, weights.shape[-1])
         attended = self.fuse(flat @ objects.flatten(2)).view(*hidden.shape)
@@ -90,7 +90,7 @@ class SceneCaptioner(nn.Module):
         each the LM's state that read a token, then the logits of the objects that token was written
         from) locate: the reader's match plus the writer's attention."""
         hidden, written = states.split([states.shape[-1] - objects.shape[1], objects.shape[1]], dim=-1)
-        return self.pointer_logits(hidden, objects, valid) + written
+        return self.match_logits(self.reader, hidden, objects, valid) + written
 
     def locate(self, states: torch.Tensor, objects: torch.Tensor, boxes: torch.Tensor,
                valid: torch.Tensor) -> torch.Tensor:

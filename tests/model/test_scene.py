@@ -43,7 +43,7 @@ def test_words_are_located_where_reader_and_writer_agree_never_on_padding():
     assert objects[0, 2].abs().max() == 0  # padding: all-zero tokens
     valid = torch.tensor([[True, True, False]])
     hidden = torch.randn(1, 50, 8)
-    reader = captioner.pointer_logits(hidden, objects, valid)
+    reader = captioner.match_logits(captioner.reader, hidden, objects, valid)
     unwritten = torch.cat([hidden, torch.zeros(1, 50, 3)], dim=-1)
     torch.testing.assert_close(captioner.locate(unwritten, objects, boxes, valid), boxes[0, reader[0].argmax(-1)][None])
     assert set(reader[0].argmax(-1).tolist()) == {0, 1}  # both real objects are chosen by some state
@@ -68,7 +68,7 @@ def test_it_learns_to_point_hidden_states_at_the_object_they_describe():
         pixels = looks[kinds] + 0.3 * torch.randn(n, 4, 4, 16, generator=gen)
         hidden = words[kinds[torch.arange(n), named]] + 0.3 * torch.randn(n, 16, generator=gen)
         objects = captioner.object_tokens(pixels, boxes[:n], scores[:n], 160, torch.full((n,), 160.0))
-        return captioner.pointer_logits(hidden, objects, scores[:n] > 0), named
+        return captioner.match_logits(captioner.reader, hidden, objects, scores[:n] > 0), named
 
     optimizer = torch.optim.Adam(captioner.parameters(), lr=3e-3)
     for _ in range(300):
