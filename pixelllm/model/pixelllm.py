@@ -288,15 +288,20 @@ class PixelLLM(KeepsFrozenInEval):
     def forward(self, batch: dict, all_heads: bool = False) -> PixelLLMOutput:
         """Losses of a collated batch (keys as in ``docs/architecture.md``, "The batch contract").
 
-        ``all_heads``: run the mask and proposal heads even when the batch has no target for them
-        (with zero weight), so that every parameter takes part in every step, as FSDP requires.
+        ``all_heads``: run the mask and proposal heads (and a scene captioner) even when the batch
+        has no target for them (with zero weight), so that every parameter takes part in every
+        step, as FSDP requires.
         With a ``scene_captioner``, the whole-image captions (``prompt_scene``) train it, and the rest
         of the model sees them with zero weight (or not at all when the batch has nothing else).
         """
         images = self.encode_images(batch["pixel_values"], batch["pixel_mask"])
         scene = batch.get("prompt_scene") if self.scene_captioner is not None else None
         if scene is None or not bool(scene.any()):
-            return self._losses(batch, images, all_heads)
+            out = self._losses(batch, images, all_heads)
+            if all_heads and self.scene_captioner is not None:  # it takes part too, with zero weight
+                unused = self._scene_losses(batch, images, torch.zeros(1, dtype=torch.long, device=self.device))
+                out.loss = out.loss + 0.0 * sum(unused.values())
+            return out
         losses = self._scene_losses(batch, images, scene.nonzero()[:, 0])
         loss = losses["scene_text"] + losses["scene_pointer"]
         if bool(scene.all()) and not all_heads:

@@ -134,6 +134,15 @@ def test_whole_image_captions_come_from_it_and_point_at_its_objects():
     assert image.caption(box=[10, 10, 80, 60], max_new_tokens=6).text == region.text
 
 
+def test_with_all_heads_it_takes_part_in_a_step_without_whole_image_captions():
+    torch.manual_seed(0)
+    model = build_model(_config(), tokenizer=tokenizer())
+    batch = {**make_batch(model.config), "prompt_scene": torch.zeros(3, dtype=torch.bool)}
+    model(batch, all_heads=True).loss.backward()  # as FSDP needs: every parameter gets a gradient
+    gradients = [p.grad for p in model.scene_captioner.parameters()]
+    assert all(g is not None for g in gradients) and all(g.abs().max() == 0 for g in gradients)
+
+
 @pytest.mark.parametrize("beams", [1, 3])
 def test_its_decoding_agrees_cached_uncached_batched_and_alone(beams):
     torch.manual_seed(1)
