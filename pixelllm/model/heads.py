@@ -165,6 +165,7 @@ class PointerLocationHead(nn.Module):
         half = raw[..., 2:].clamp(-6, 6).exp() * cell / 2
         return torch.cat([center - half, center + half], dim=-1)
 
+
 def distinct_peaks(logits: torch.Tensor, centers: torch.Tensor, cell: float, k: int) -> torch.Tensor:
     """The ``k`` highest cells of each row of ``logits (N, G*G)``, best first, each outside the 3 x 3
     cells around the ones before: ``(N, k)`` indices. ``centers (G*G, 2)``: the cells' centers,

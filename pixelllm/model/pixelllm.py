@@ -227,11 +227,13 @@ class PixelLLM(KeepsFrozenInEval):
             logits = self.mask_refiner(images.pixels, image_index, boxes, logits)
         return logits, iou
 
-    def propose(self, images: ImageFeatures,
-                max_proposals: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Class-agnostic proposals per image: ``(boxes (K, 4) canvas pixels, scores (K,))``, best first."""
+    def propose(self, images: ImageFeatures, max_proposals: int | None = None,
+                score_threshold: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Class-agnostic proposals per image: ``(boxes (K, 4) canvas pixels, scores (K,))``, best
+        first; ``max_proposals`` and ``score_threshold`` override the proposal head's config."""
         outputs = self.proposal_head(images.features)
-        return self.proposal_head.proposals(outputs, images.valid_size, max_proposals=max_proposals)
+        return self.proposal_head.proposals(outputs, images.valid_size, max_proposals=max_proposals,
+                                            score_threshold=score_threshold)
 
     def language_inputs(self, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
                         is_point: torch.Tensor, scene: bool = False) -> LanguageInputs:
@@ -269,18 +271,17 @@ class PixelLLM(KeepsFrozenInEval):
         the captioner reads; no gradient flows into the choice), read by the box pixel encoder."""
         k, canvas = self.scene_captioner.config.objects, self.config.image_size
         with torch.no_grad():
-            found = self.proposal_head.proposals(self.proposal_head(images.features), images.valid_size,
-                                                 max_proposals=k, score_threshold=0.0)
-        boxes = images.features.new_zeros(len(found), k, 4)
+            found = self.propose(images, max_proposals=k, score_threshold=0.0)
+        boxes = images.features.new_zeros(len(found), k, 4)  # (B, K, 4): each image's objects, read once
         scores = images.features.new_zeros(len(found), k)
         for i, (image_boxes, image_scores) in enumerate(found):
             boxes[i, : len(image_boxes)], scores[i, : len(image_scores)] = image_boxes, image_scores
-        boxes, scores = boxes[image_index], scores[image_index]
-        pixel_tokens = self.extractor.box_pixels(images.pixels, image_index.repeat_interleave(k),
-                                                 boxes.reshape(-1, 4), canvas)
-        tokens = self.scene_captioner.object_tokens(pixel_tokens.view(len(boxes), k, *pixel_tokens.shape[1:]),
-                                                    boxes, scores, canvas, images.valid_size[image_index].amin(1))
-        return SceneObjects(boxes, scores, tokens)
+        every_image = torch.arange(len(found), device=boxes.device)
+        pixel_tokens = self.extractor.box_pixels(images.pixels, every_image.repeat_interleave(k), boxes.reshape(-1, 4),
+                                                 canvas)
+        tokens = self.scene_captioner.object_tokens(pixel_tokens.view(len(found), k, *pixel_tokens.shape[1:]),
+                                                    boxes, scores, canvas, images.valid_size.amin(1))
+        return SceneObjects(boxes[image_index], scores[image_index], tokens[image_index])
 
     # ------------------------------------------------------------------------------------------
     # Training
