@@ -130,7 +130,7 @@ class EncoderDecoderLM(LanguageModel):
     def _decode(self, decoder_ids, states, mask, cache):
         out = self.model.decoder(
             input_ids=decoder_ids, encoder_hidden_states=states, encoder_attention_mask=mask,
-            past_key_values=cache, use_cache=cache is not None,
+            cache=cache, use_cache=cache is not None,
         )
         hidden = out.last_hidden_state
         return hidden, self.logits(hidden)
@@ -183,7 +183,7 @@ class DecoderOnlyLM(LanguageModel):
     def _run(self, state, embeds, positions):
         out = self.model(
             inputs_embeds=embeds, attention_mask=state.attention_mask, position_ids=positions,
-            past_key_values=state.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1,
+            cache=state.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1,
         )
         return out.hidden_states[-1][:, -1], out.logits[:, -1], state
 
