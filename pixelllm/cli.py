@@ -2,17 +2,23 @@
 
 Exit status: 0 on success, 2 with one ``error: `` line on stderr for a problem with what the user
 gave (``PixelLLMError``, bad arguments), 1 for a fault of the program itself.
+
+Every command imports what it uses when it runs, so that ``--help``, ``synth`` or a bad argument
+never wait for PyTorch and transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
-from pixelllm.errors import InputError, PixelLLMError
-from pixelllm.results import dense_captions_json, location_json
+from pixelllm.errors import ConfigError, InputError, PixelLLMError
+
+SMALL_MODEL = 50_000_000  # parameters: below this, more than one CPU thread per operation only costs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,9 +27,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _predictor(args):
+    """The model of ``--model`` (default: the embedded one), on the CPU threads that help it.
+
+    A small model's operations are too short to split: on a quiet 2-core machine the embedded
+    model captions as fast on one thread as on two (0.10 s), and on a CPU that other processes
+    use, OpenMP threads that wait by spinning steal the cores the work needs (0.9 to 8.7 s for
+    the same caption on two threads). ``--threads`` sets the count.
+    """
+    import torch
+
     from pixelllm.tasks import load
 
-    return load(args.model)
+    predictor = load(args.model)
+    threads = getattr(args, "threads", None)
+    if threads is None and sum(p.numel() for p in predictor.model.parameters()) < SMALL_MODEL:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return predictor
+
+
+def _batch_invariant(run):
+    """``run`` under the server's numerics, so that ``--json`` equals what ``pixelllm serve`` answers."""
+
+    def invariant(args):
+        from pixelllm.serve.tasks import batch_invariant
+
+        with batch_invariant():
+            run(args)
+
+    return invariant
 
 
 def _emit(args, result: dict, picture=None) -> None:
@@ -67,6 +100,7 @@ def _caption(args) -> None:
 
 def _locate(args) -> None:
     from pixelllm.data.images import load_image
+    from pixelllm.results import location_json
 
     image = load_image(args.image)
     box = _predictor(args).encode(image).locate(args.expression)
@@ -96,6 +130,7 @@ def _segment(args) -> None:
 
 def _densecap(args) -> None:
     from pixelllm.data.images import load_image
+    from pixelllm.results import dense_captions_json
 
     image = load_image(args.image)
     regions = _predictor(args).encode(image).dense_caption(max_regions=args.max_regions)
@@ -126,15 +161,24 @@ def _synth(args) -> None:
 def _train(args) -> None:
     from pixelllm.train import TrainConfig, train
 
-    config = TrainConfig.load(args.config)
+    config = TrainConfig.load(args.config, parse_overrides(args.overrides))
     train(config, args.out or Path("runs") / Path(args.config).stem, resume=args.resume)
 
 
 def _eval(args) -> None:
+    import inspect
+
     from pixelllm.evaluate.runner import evaluate
 
-    result = evaluate(_predictor(args), args.task, args.data, split=args.split, batch_size=args.batch_size,
-                      limit=args.limit, per_sample_path=args.per_sample, report_path=args.report)
+    known = [name for name, p in inspect.signature(evaluate).parameters.items()
+             if p.kind is p.KEYWORD_ONLY and name != "meteor"]  # meteor: a scorer object, not a value
+    options = {"split": args.split, "batch_size": args.batch_size, "limit": args.limit,
+               "per_sample_path": args.per_sample, "report_path": args.report}
+    for key, value in parse_overrides(args.overrides).items():
+        if key not in known:
+            raise ConfigError(f"unknown eval option {key!r}; the options are: {', '.join(known)}")
+        options[key] = value
+    result = evaluate(_predictor(args), args.task, args.data, **options)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -152,11 +196,55 @@ def _info(args) -> None:
     with torch.device("meta"):  # counts without allocating: the paper preset is 3.8 B parameters
         model = build_model(preset(args.preset))
     print(f"preset {args.preset}: image {model.config.image_size}px, LM {model.config.lm_family}")
-    print(f"{'part':<16}{'total':>16}{'trainable':>16}{'frozen':>16}")
-    for name, module in [*model.named_children(), ("all", model)]:
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        print(f"{name:<16}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
+    print(f"{'part':<22}{'total':>16}{'trainable':>16}{'frozen':>16}")
+    for name, (total, trainable) in model.parameter_counts().items():
+        print(f"{name:<22}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
+
+
+def _serve(args) -> None:
+    from pixelllm.serve.app import ServeSettings
+    from pixelllm.serve.server import check_binding, listen, serve
+
+    api_key = args.api_key or os.environ.get("PIXELLLM_API_KEY") or None
+    check_binding(args.host, api_key)
+    sock = listen(args.host, args.port)  # before the model loads: a port in use fails at once
+    settings = ServeSettings(
+        model_name=Path(args.model).name if args.model else ServeSettings.model_name,  # a name, not a server path
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, timeout_s=args.timeout, read_timeout_s=args.read_timeout,
+        max_upload_bytes=round(args.max_upload_mb * 2**20), max_pixels=args.max_pixels, api_key=api_key,
+        cors_origins=tuple(args.cors_origin))
+    serve(_predictor(args), settings, sock, log_level=args.log_level)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` words as ``{KEY: value}``, each value read as a YAML scalar (``5e-4`` a number,
+    as in YAML 1.2; ``null``, ``true``, ``[0.9, 0.95]`` as YAML reads them)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. steps=200 optim.lr=5e-4)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: not a YAML value ({str(exc).splitlines()[0]})") from None
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text.strip()):
+            value = float(text)
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _coordinates(count: int, what: str):
@@ -181,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
         command.add_argument("--json", action="store_true", help="print one JSON object")
         command.add_argument("--out", default=None, help="write a picture (PNG) here")
-        command.set_defaults(run=run)
+        command.add_argument("--threads", type=_positive, default=None,
+                             help="CPU threads (default: 1 for a small model such as the embedded one)")
+        command.set_defaults(run=_batch_invariant(run))
         return command
 
     caption = task_command("caption", "caption an image, with a location for every word", _caption)
@@ -210,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True)
     train.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. steps=200 optim.lr=5e-4 (values as YAML scalars)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a dataset")
@@ -222,7 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-sample", default=None, help="write per-sample JSONL here")
     evaluate.add_argument("--report", default=None, help="write a markdown report here")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="evaluation options, e.g. batch_size=4 images=coco/train2014")
     evaluate.set_defaults(run=_eval)
+
+    serve = commands.add_parser("serve", help="answer every task over HTTP, with a web page (docs/serving.md)")
+    serve.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (any but the loopback needs --api-key)")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free one, printed)")
+    serve.add_argument("--api-key", default=None, help="the key every API request must send (or PIXELLLM_API_KEY)")
+    serve.add_argument("--max-batch", type=_positive, default=8, help="requests of a task run together (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--max-queue", type=_positive, default=32, help="requests admitted at once; more get 503")
+    serve.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take; then 504")
+    serve.add_argument("--read-timeout", type=float, default=30.0, help="seconds for a request body to arrive")
+    serve.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body; more get 413")
+    serve.add_argument("--max-pixels", type=_positive, default=16_000_000, help="largest image; more get 400")
+    serve.add_argument("--cors-origin", action="append", default=[], help="allow this web origin (repeatable)")
+    serve.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: as the tasks)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="parameter counts of a preset (trainable and frozen)")
     info.add_argument("--preset", default="paper", help="tiny, base or paper (default: paper)")

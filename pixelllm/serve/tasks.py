@@ -1,0 +1,152 @@
+"""The tasks the server answers: one ``ServedTask`` entry per task in ``TASKS``.
+
+An entry names the task's request fields and answers a whole batch of requests through the
+Predictor's batched API, with the JSON of ``pixelllm <task> --json``. A task is offered when the
+loaded predictor has the batched method the entry needs (``method``), so a system that lands with
+new methods gets its tasks served by adding its entries here. ``OTHER_SYSTEMS`` names the tasks of
+INTERFACE.md that no entry serves yet, and the systems that will have them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixelllm.errors import PixelLLMError
+from pixelllm.results import dense_captions_json, location_json
+
+Item = tuple[Any, dict[str, Any]]  # (an RGB PIL image, the task's arguments)
+
+
+@dataclass(frozen=True)
+class Field:
+    """A request field: ``kind`` "text", "array" (a JSON array) or "integer"."""
+
+    kind: str
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class ServedTask:
+    """A task of the server: its fields, the Predictor method it needs, and how it answers a batch.
+
+    ``answer(predictor, items)`` returns one JSON dict per item, in order; it may raise
+    ``PixelLLMError`` for a bad item (``answer_batch`` then finds which one).
+    """
+
+    name: str
+    summary: str
+    method: str
+    answer: Callable[[Any, list[Item]], list[dict]]
+    fields: dict[str, Field] = field(default_factory=dict)
+
+    def available(self, predictor) -> bool:
+        return callable(getattr(predictor, self.method, None))
+
+
+@contextlib.contextmanager
+def batch_invariant() -> Iterator[None]:
+    """Run the model so that a request's answer does not depend on the batch it is in.
+
+    oneDNN picks its convolution kernels by batch size, and their sums differ in the last bits
+    (the proposal head's boxes moved by 2e-5 px between a batch of 1 and of 6, enough to change a
+    rounded coordinate); PyTorch's own CPU convolution computes every image alone. It costs about
+    2 % on the embedded model (35 % on a batch of masks). The CLI's task commands run the same way,
+    so their ``--json`` equals the server's answers.
+    """
+    import torch
+
+    previous = torch.backends.mkldnn.enabled  # (its flags() context also resets TF32 and warns about it)
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def answer_batch(task: ServedTask, predictor, items: list[Item]) -> list[dict | PixelLLMError]:
+    """Answer every item; a ``PixelLLMError`` (a bad box, an empty expression) is that item's answer.
+
+    The batch runs as one; if the predictor refuses it, each item runs alone, so that one bad
+    request does not fail the others. Any other exception propagates: a fault of the batch.
+    """
+    with batch_invariant():
+        try:
+            return task.answer(predictor, items)
+        except PixelLLMError:
+            return [_answer_alone(task, predictor, item) for item in items]
+
+
+def _answer_alone(task: ServedTask, predictor, item: Item) -> dict | PixelLLMError:
+    try:
+        return task.answer(predictor, [item])[0]
+    except PixelLLMError as exc:
+        return exc
+
+
+def _caption(predictor, items: list[Item]) -> list[dict]:
+    """Whole-image captions decode together (beam 4), box captions together (greedy); a point or
+    a text prompt has no batched form in the Predictor, so those run one by one."""
+    encoded = predictor.encode_batch([image for image, _ in items])
+    answers: list[dict | None] = [None] * len(items)
+    scene = [i for i, (_, args) in enumerate(items) if not args]
+    for i, caption in zip(scene, predictor.caption_batch([encoded[i] for i in scene]), strict=True):
+        answers[i] = caption.to_dict()
+    boxed = [i for i, (_, args) in enumerate(items) if set(args) == {"box"}]
+    regions = predictor.caption_regions_batch([encoded[i] for i in boxed], [[items[i][1]["box"]] for i in boxed])
+    for i, captions in zip(boxed, regions, strict=True):
+        answers[i] = captions[0].to_dict()
+    for i, (_, args) in enumerate(items):
+        if answers[i] is None:
+            answers[i] = encoded[i].caption(**args).to_dict()
+    return answers
+
+
+def _locate(predictor, items: list[Item]) -> list[dict]:
+    encoded = predictor.encode_batch([image for image, _ in items])
+    boxes = predictor.locate_batch(encoded, [[args["expression"]] for _, args in items])
+    return [location_json(args["expression"], found[0], image.size)
+            for (image, args), found in zip(items, boxes, strict=True)]
+
+
+def _segment(predictor, items: list[Item]) -> list[dict]:
+    encoded = predictor.encode_batch([image for image, _ in items])
+    masks = predictor.segment_batch(encoded, [[args["expression"]] for _, args in items])
+    return [found[0].to_dict() for found in masks]
+
+
+def _densecap(predictor, items: list[Item]) -> list[dict]:
+    """One batch per distinct ``max_regions`` (the Predictor takes one value for a batch)."""
+    encoded = predictor.encode_batch([image for image, _ in items])
+    groups: dict[int | None, list[int]] = defaultdict(list)
+    for i, (_, args) in enumerate(items):
+        groups[args.get("max_regions")].append(i)
+    answers: list[dict | None] = [None] * len(items)
+    for max_regions, rows in groups.items():
+        found = predictor.dense_caption_batch([encoded[i] for i in rows], max_regions)
+        for i, regions in zip(rows, found, strict=True):
+            answers[i] = dense_captions_json(regions, items[i][0].size)
+    return answers
+
+
+_EXPRESSION = Field("text", "the referring expression, e.g. 'the red circle'", required=True)
+
+TASKS: dict[str, ServedTask] = {task.name: task for task in (
+    ServedTask("caption", "a caption with a box and a point for every word", "caption_batch", _caption, {
+        "box": Field("array", "[x0, y0, x1, y1]: caption this region instead of the whole image"),
+        "point": Field("array", "[x, y]: caption the object at this point"),
+        "prompt": Field("text", "the text prompt (default: the model's)"),
+    }),
+    ServedTask("locate", "the box of a referring expression", "locate_batch", _locate, {"expression": _EXPRESSION}),
+    ServedTask("segment", "the box and mask (COCO RLE) of a referring expression", "segment_batch", _segment,
+               {"expression": _EXPRESSION}),
+    ServedTask("densecap", "every object found, with a box, a score and a caption", "dense_caption_batch",
+               _densecap, {"max_regions": Field("integer", "at most this many regions")}),
+)}
+
+OTHER_SYSTEMS = {"detect": "visionllm-v2", "segment_all": "pixellm", "ask": "visionllm-v2"}
+"""INTERFACE.md's tasks that no entry of ``TASKS`` serves yet, and the system each belongs to."""
