@@ -82,10 +82,10 @@ def main() -> None:
         cached, uncached = side_by_side(decode(), decode(use_cache=False), args.repeats)
         report("1. cached vs uncached, 64 tokens (speed-up)", uncached / cached, ">= 5")
     if 2 in rows:
-        with_boxes, text_only = side_by_side(decode(), decode(with_boxes=False), args.repeats)
+        with_boxes, text_only = side_by_side(decode(), decode(read=False), args.repeats)
         report("2. with locations vs caption only (time ratio)", with_boxes / text_only, "<= 1.05")
     if 3 in rows:
-        ours, theirs = side_by_side(decode(with_boxes=False, block_repeats=False),
+        ours, theirs = side_by_side(decode(read=False, block_repeats=False),
                                     hf_generate(predictor, encoded, request, tokens), args.repeats)
         report("3. ours vs transformers generate, caption only (time ratio)", ours / theirs, "<= 1.1")
     if 4 in rows:

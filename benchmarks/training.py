@@ -133,10 +133,11 @@ def compare_recipes(ours: tuple, theirs: tuple) -> None:
 
 
 def forward_shares(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
-    """Each top-level module's share of the forward time over ``batches``."""
+    """Each part's (trunk parts and heads) share of the forward time over ``batches``; a head that
+    works through methods other than its ``forward`` counts in no part."""
     spent, starts = defaultdict(float), {}
     hooks = []
-    for name, module in model.named_children():
+    for name, module in model.parts().items():
         hooks.append(module.register_forward_pre_hook(lambda m, i, n=name: starts.__setitem__(n, time.perf_counter())))
         hooks.append(module.register_forward_hook(
             lambda m, i, o, n=name: spent.__setitem__(n, spent[n] + time.perf_counter() - starts[n])))

@@ -2,14 +2,14 @@
 
 Not in the official design (nor is ``extractor.box_pixels``). Inside the main loop the encoder's
 small CNN sees a few crops per step, under the whole model's learning-rate schedule and gradient
-clipping: after a 600-step region-caption pilot it named 47 % of the test shapes, and the captions
-could not read what it did not hold. Trained first on its own, the language model reads it at once
-(docs/model_card.md, stop 20). The signal is the pixel word head's (``box_pixel_word_loss_weight``):
-the bag of each region caption's words, no shape labels; 6 epochs over 14,000 crops take 30 s on
-2 CPU cores."""
+clipping, and learns the shapes slowly; trained first on its own, the language model reads it at
+once. The signal is the pixel word head's (``heads.pixel_words``): the bag of
+each region caption's words, no shape labels; 6 epochs over 14,000 crops take 30 s on 2 CPU cores."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from pixelllm.data.pipeline import ExampleBuilder
 from pixelllm.errors import ConfigError
+from pixelllm.model import PixelLLM
 from pixelllm.model.box_pixels import box_crops
-from pixelllm.model.pixelllm import PixelLLM
-from pixelllm.model.words import box_word_loss
+from pixelllm.model.heads.pixel_words import box_word_loss
 
 
 @dataclass
@@ -38,13 +38,14 @@ class BoxPixelPretrainConfig:
                               f"got {self}")
 
 
-def region_crops(samples: list, builder: ExampleBuilder, limit: int,
+def region_crops(samples: Iterable, builder: ExampleBuilder, limit: int,
                  resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crops of the region prompts of ``samples[:limit]``, as the main loop builds them without
-    augmentation: ``(N, 3, R, R)``, and their caption ids ``(N, L)`` (-100 after each EOS).
-    Samples the builder skips (unreadable images, malformed annotations) are counted in its report."""
+    """The crops of the region prompts of the first ``limit`` samples (a list, or the reader of tar
+    shards), as the main loop builds them without augmentation: ``(N, 3, R, R)``, and their caption
+    ids ``(N, L)`` (-100 after each EOS). Samples the builder skips (unreadable images, malformed
+    annotations) are counted in its report."""
     crops, labels = [], []
-    for sample in samples[:limit]:
+    for sample in itertools.islice(samples, limit):
         example = builder(sample)
         if example is None:
             continue
@@ -60,13 +61,13 @@ def region_crops(samples: list, builder: ExampleBuilder, limit: int,
     return torch.cat(crops), torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)
 
 
-def pretrain_box_pixels(model: PixelLLM, samples: list, builder: ExampleBuilder, config: BoxPixelPretrainConfig,
+def pretrain_box_pixels(model: PixelLLM, samples: Iterable, builder: ExampleBuilder, config: BoxPixelPretrainConfig,
                         seed: int, progress: bool = True) -> list[float]:
     """Train the box pixel CNN and the pixel word head on region crops with Adam; returns the mean
     loss of each epoch. Every process draws the same batches (``seed``), so all end alike."""
-    encoder, head = model.extractor.box_pixels, model.pixel_word_head
+    encoder, head = model.extractor.box_pixels, dict(model.heads).get("pixel_words")
     if encoder is None or head is None:
-        raise ConfigError("box_pixel_pretrain needs extractor.box_pixels and box_pixel_word_loss_weight > 0")
+        raise ConfigError("box_pixel_pretrain needs extractor.box_pixels and the head pixel_words")
     crops, labels = region_crops(samples, builder, config.images, encoder.resolution)
     device, eos = model.device, model.language.eos_token_id
     optimizer = torch.optim.Adam([*encoder.cnn.parameters(), *head.parameters()], lr=config.lr)
@@ -76,7 +77,7 @@ def pretrain_box_pixels(model: PixelLLM, samples: list, builder: ExampleBuilder,
                   disable=not progress):
         total = 0.0
         for batch in torch.randperm(len(crops), generator=generator).split(config.batch_size):
-            logits = model.box_pixel_word_logits(crops[batch].to(device))
+            logits = head.logits(model, crops[batch].to(device))
             loss = box_word_loss(logits, labels[batch].to(device), torch.ones(len(batch), device=device), eos)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,23 +4,31 @@ The three pretrained parts keep their own Hugging Face configs, stored as plain 
 ``model_type`` so that any transformers config class can be rebuilt from them:
 
 - ``sam``: a full ``SamConfig`` (frozen image encoder, prompt encoder, mask decoder);
-- ``semantic``: a vision tower config (``clip_vision_model`` or ``siglip_vision_model``);
+- ``semantic``: a vision tower config (``pixelllm_eva02_vision``, ``clip_vision_model``,
+  ``siglip_vision_model`` or the tiny preset's ``pixelllm_small_vit``);
 - ``lm``: a language model config, either T5 (encoder-decoder) or any causal LM.
 
-Presets: ``tiny`` (the embedded default's size), ``base`` and ``paper`` (SAM ViT-H + ViT-L/14 +
-Flan-T5-XL with LoRA rank 32, as the paper).
+``heads`` maps each head's name to its config section (``pixelllm.model.heads``: every head owns its
+fields, loss weights included); the trunk's own fields are the rest.
+
+Presets: ``tiny`` (the embedded default's size), ``base`` and ``paper`` (SAM ViT-H + EVA02-L/14 +
+Flan-T5-XL with LoRA rank 32, as the official configuration).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pixelllm.errors import ConfigError
+from pixelllm.files import atomic_write_text
 
 CONFIG_NAME = "config.json"
 
@@ -48,92 +56,16 @@ class ExtractorConfig:
     # box. Learning where to look from the corner tokens alone takes far more data than a CPU hour holds.
     box_attention: bool = False
     token_grid: int = 0
-    # Also not in the official design: add a learned embedding of the prompt box's shape (log width,
-    # log height, log aspect ratio and its magnitude) to the output tokens. SAM's low-frequency
-    # corner encoding blurs a one-pixel difference, and the aspect ratio is what tells a small
-    # hexagon's box (0.87 or 1.15) from a circle's, a square's or a diamond's (1.0).
-    box_geometry: bool = False
     # Also not in the official design: ``box_pixels`` R > 0 appends 4 tokens read by a small CNN
-    # from an R x R resampling of the pixels around the prompt box (``pixelllm.model.box_pixels``).
-    # At the tiny canvas a small object's shape is a cell or two of the towers' stride-8 map; read at
-    # a common scale, 16 x 16 samples tell the six shapes apart (docs/model_card.md, stop 19).
+    # from an R x R resampling of the pixels around the prompt box (``pixelllm.model.box_pixels``):
+    # at a small canvas a small object's shape is a cell or two of the towers' stride-8 map.
     box_pixels: int = 0
     # In training, each prompt's box-pixel tokens are zeroed with this probability, so that the LM
-    # also learns to read a region through the extractor's tokens (without it, localization learned
-    # slower in the full recipe; docs/model_card.md, stop 19).
+    # also learns to read a region through the extractor's tokens.
     box_pixel_dropout: float = 0.0
     # False: prompts on the whole image (traced captions, referring expressions) get zeros for the
-    # box-pixel tokens, not a thumbnail of the image (masks gained, traced captions lost; stop 20).
+    # box-pixel tokens, not a thumbnail of the image.
     box_pixels_on_whole_image: bool = True
-
-
-@dataclass
-class LocationHeadConfig:
-    """Localization head (``pixelllm.model.heads``): ``mlp`` reads the hidden state alone (the
-    paper's); ``pointer`` points at a cell of the image features, trained by an extra cross-entropy
-    (weight ``selection_weight``) on the cell that holds the target box's center."""
-
-    kind: str = "mlp"
-    hidden: int = 512
-    depth: int = 3
-    selection_weight: float = 1.0
-
-
-@dataclass
-class MaskHeadConfig:
-    """Mask adapter (learned tokens, two-way transformer, tanh gate) in front of SAM's decoder."""
-
-    num_tokens: int = 2  # one per SAM box-corner token it is added to
-    depth: int = 2
-    heads: int = 8
-    mlp_dim: int = 2048
-
-
-@dataclass
-class MaskRefinerConfig:
-    """Not in the official design: the mask decoder's canvas logits cut to a square around the box
-    and corrected there by a small CNN from the square's canvas pixels (``pixelllm.model.mask_refiner``).
-    The decoder's output has a quarter of the canvas' resolution; the refiner reads the pixels."""
-
-    resolution: int = 48  # samples per side of the square
-    margin: float = 0.25  # the square's side is the box's longer side times 1 + 2 * margin
-    width: int = 32  # a multiple of 8 (GroupNorm's groups)
-    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 1])  # one 3 x 3 convolution each
-
-
-@dataclass
-class RerankerConfig:
-    """Not in the official design: referring expressions' boxes chosen again among the pointer's
-    ``candidates`` best distinct peaks from their pixels (``pixelllm.model.reranker``; needs the
-    pointer head and ``extractor.box_pixels``)."""
-
-    candidates: int = 3
-    hidden: int = 128
-
-
-@dataclass
-class SceneCaptionerConfig:
-    """Not in the official design: whole-image captions (traced narratives) written by a copy of
-    the LM from the proposal head's best ``objects`` boxes, each read by the box pixel encoder, and
-    each word located on the box of the object it was written from (``pixelllm.model.scene``;
-    needs ``extractor.box_pixels``)."""
-
-    objects: int = 8
-    hidden: int = 128  # width of the matches between the LM's states and the objects
-
-
-@dataclass
-class ProposalHeadConfig:
-    """Simple Feature Pyramid + class-agnostic CenterNet head for dense captioning."""
-
-    width: int = 256
-    scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # pyramid levels, relative to the fused feature map
-    top_blocks: int = 2  # extra stride-2 levels above the coarsest scale (ViTDet's p6, p7)
-    tower_depth: int = 4  # conv + GroupNorm + ReLU layers shared by the heatmap and box outputs
-    pre_nms_topk: int = 1000  # highest-scoring cells over all levels that enter NMS
-    max_proposals: int = 100
-    nms_iou: float = 0.5
-    score_threshold: float = 0.05
 
 
 @dataclass
@@ -149,31 +81,12 @@ class PixelLLMConfig:
     semantic: dict[str, Any] = field(default_factory=dict)
     lm: dict[str, Any] = field(default_factory=dict)
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
-    location_head: LocationHeadConfig = field(default_factory=LocationHeadConfig)
-    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
-    mask_refiner: MaskRefinerConfig | None = None
-    refer_reranker: RerankerConfig | None = None
-    scene_captioner: SceneCaptionerConfig | None = None
-    proposal_head: ProposalHeadConfig = field(default_factory=ProposalHeadConfig)
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> the head's config section, in order
     freeze_sam: bool = True  # SAM image encoder, prompt encoder and mask decoder
     lora_rank: int = 32  # > 0: LM frozen, LoRA on ``lora_targets``; 0: the whole LM trains
-    lora_alpha: float | None = None  # None: equal to the rank (scale 1, as the official code)
+    lora_alpha: float | None = None  # None: twice the rank (scale 2, as the official code)
     lora_targets: list[str] | None = None  # None: the family's q and v projections
     label_smoothing: float = 0.1
-    location_loss_weight: float = 0.1
-    # How location losses average: over all located tokens of a batch ("token", the official code)
-    # or per prompt first ("prompt"), so that a one-token referring expression weighs as much as a
-    # seventy-word trace when tasks share a batch.
-    location_average: str = "token"
-    # The box that prompts the mask decoder in training: "predicted" at the last word (the official
-    # code) or "target" (the ground-truth box, which lets a model trained from scratch learn masks
-    # before its boxes are good).
-    mask_prompt_box: str = "predicted"
-    # > 0: the box word head's loss (model/words.py) at this weight; 0 (the official design): no head.
-    word_loss_weight: float = 0.0
-    # > 0 (needs extractor.box_pixels): the same loss from a linear layer over the box pixel
-    # encoder's own 2 x 2 map, so that its CNN learns the shapes before the LM has to read its tokens.
-    box_pixel_word_loss_weight: float = 0.0
     max_text_tokens: int = 128
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
 
@@ -185,14 +98,11 @@ class PixelLLMConfig:
         return self.semantic["image_size"] // self.image_size
 
     def __post_init__(self) -> None:
-        for name, cls in _NESTED.items():
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _dataclass_from_dict(cls, value, name))
+        hints = typing.get_type_hints(PixelLLMConfig)
+        for f in dataclasses.fields(self):  # also where built in Python, not from a dict
+            setattr(self, f.name, typed(getattr(self, f.name), hints[f.name], f"config.{f.name}"))
         for part in ("sam", "semantic", "lm"):  # JSON-normal form (e.g. id2label keys become strings)
             setattr(self, part, json.loads(json.dumps(getattr(self, part))))
-        if isinstance(self.proposal_head.scales, list):
-            self.proposal_head.scales = tuple(self.proposal_head.scales)
         self.validate()
 
     @property
@@ -207,7 +117,15 @@ class PixelLLMConfig:
                 raise ConfigError(f"config.{part} needs a 'model_type' (a Hugging Face config dict)")
         if self.image_size <= 0:
             raise ConfigError(f"image_size must be positive, got {self.image_size}")
+        if self.max_text_tokens <= 0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"max_text_tokens must be positive and label_smoothing in [0, 1), got "
+                              f"{self.max_text_tokens} and {self.label_smoothing}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
         ex = self.extractor
+        for name in ("depth", "width", "heads", "mlp_dim", "attention_downsample", "num_tokens", "token_dim"):
+            if getattr(ex, name) <= 0:
+                raise ConfigError(f"extractor.{name} must be positive, got {getattr(ex, name)}")
         if ex.width % ex.heads or (ex.width // ex.attention_downsample) % ex.heads:
             raise ConfigError(
                 f"extractor.width {ex.width} must be divisible by extractor.heads {ex.heads} "
@@ -224,20 +142,24 @@ class PixelLLMConfig:
             raise ConfigError(f"extractor.box_pixel_dropout must be in [0, 1), got {ex.box_pixel_dropout}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        vision = self.sam.get("vision_config", {})
-        prompt = self.sam.get("prompt_encoder_config", {})
+        vision, prompt = (_section(self.sam, key, "sam") for key in ("vision_config", "prompt_encoder_config"))
+        for where, section, key in (("vision_config", vision, "patch_size"), ("vision_config", vision, "num_pos_feats"),
+                                    ("vision_config", vision, "output_channels"),
+                                    ("prompt_encoder_config", prompt, "hidden_size")):
+            if not (isinstance(section.get(key), int) and section[key] > 0):
+                raise ConfigError(f"sam {where}.{key} must be a positive int, got {section.get(key)!r}")
         if vision.get("image_size") != self.image_size or prompt.get("image_size") != self.image_size:
             raise ConfigError(
                 f"sam vision/prompt image_size ({vision.get('image_size')}, {prompt.get('image_size')}) "
                 f"must equal image_size {self.image_size}"
             )
-        grid = self.image_size // vision.get("patch_size", 16)
+        grid = self.image_size // vision["patch_size"]
         if prompt.get("image_embedding_size") != grid:
             raise ConfigError(
                 f"sam prompt_encoder_config.image_embedding_size {prompt.get('image_embedding_size')} "
                 f"must equal the SAM grid {grid} (image_size // patch_size)"
             )
-        widths = (vision.get("output_channels"), prompt.get("hidden_size"), 2 * vision.get("num_pos_feats", 0))
+        widths = (vision["output_channels"], prompt["hidden_size"], 2 * vision["num_pos_feats"])
         if len(set(widths)) != 1:
             raise ConfigError(
                 f"sam widths disagree: vision output_channels {widths[0]}, prompt encoder hidden_size "
@@ -248,39 +170,14 @@ class PixelLLMConfig:
             raise ConfigError(
                 f"semantic image_size {semantic_size} must be image_size {self.image_size} or a whole multiple of it"
             )
-        if self.location_head.kind not in ("mlp", "pointer"):
-            raise ConfigError(f"location_head.kind must be 'mlp' or 'pointer', got {self.location_head.kind!r}")
-        if self.location_average not in ("token", "prompt"):
-            raise ConfigError(f"location_average must be 'token' or 'prompt', got {self.location_average!r}")
-        if self.mask_prompt_box not in ("predicted", "target"):
-            raise ConfigError(f"mask_prompt_box must be 'predicted' or 'target', got {self.mask_prompt_box!r}")
-        if self.word_loss_weight < 0:
-            raise ConfigError(f"word_loss_weight must be >= 0, got {self.word_loss_weight}")
-        if self.box_pixel_word_loss_weight < 0:
-            raise ConfigError(f"box_pixel_word_loss_weight must be >= 0, got {self.box_pixel_word_loss_weight}")
-        if self.box_pixel_word_loss_weight and not ex.box_pixels:
-            raise ConfigError("box_pixel_word_loss_weight > 0 needs extractor.box_pixels > 0")
-        refiner = self.mask_refiner
-        if refiner is not None and (refiner.resolution < 8 or refiner.width < 8 or refiner.width % 8
-                                    or refiner.margin < 0 or not refiner.dilations or min(refiner.dilations) < 1):
-            raise ConfigError(
-                f"mask_refiner needs resolution >= 8, a width that is a multiple of 8, margin >= 0 and "
-                f"dilations >= 1, got {refiner}"
-            )
-        reranker = self.refer_reranker
-        if reranker is not None and (reranker.candidates < 2 or reranker.hidden < 1):
-            raise ConfigError(f"refer_reranker needs candidates >= 2 and hidden >= 1, got {reranker}")
-        if reranker is not None and (self.location_head.kind != "pointer" or not ex.box_pixels):
-            raise ConfigError("refer_reranker needs location_head.kind 'pointer' and extractor.box_pixels > 0")
-        scene = self.scene_captioner
-        if scene is not None and (scene.objects < 1 or scene.hidden < 1 or not ex.box_pixels):
-            raise ConfigError(
-                f"scene_captioner needs objects >= 1, hidden >= 1 and extractor.box_pixels > 0, got {scene}")
         missing = {"trace", "refer", "region"} - set(self.prompts)
         if missing:
             raise ConfigError(f"prompts lacks {sorted(missing)}")
         if "{expression}" not in self.prompts["refer"]:
             raise ConfigError("prompts['refer'] must contain '{expression}'")
+        from pixelllm.model.heads import normalize_heads  # the heads validate their own sections
+
+        self.heads = json.loads(json.dumps(normalize_heads(self)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -288,12 +185,12 @@ class PixelLLMConfig:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` atomically into ``directory``."""
         path = Path(directory) / CONFIG_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))  # unsorted: the heads keep their order
         return path
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PixelLLMConfig:
-        return _dataclass_from_dict(cls, data, "config")
+        return dataclass_from_dict(cls, data, "config")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PixelLLMConfig:
@@ -301,38 +198,92 @@ class PixelLLMConfig:
         if not path.is_file():
             raise ConfigError(f"{path} not found: a checkpoint directory needs {CONFIG_NAME}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+            data = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+            raise ConfigError(f"{path} is not valid JSON ({detail})") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
-_NESTED = {
-    "extractor": ExtractorConfig,
-    "location_head": LocationHeadConfig,
-    "mask_head": MaskHeadConfig,
-    "mask_refiner": MaskRefinerConfig,
-    "refer_reranker": RerankerConfig,
-    "scene_captioner": SceneCaptionerConfig,
-    "proposal_head": ProposalHeadConfig,
-}
+def _section(config: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``config[key]``, a mapping (empty where absent)."""
+    section = config.get(key, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}.{key} must be a mapping, got {type(section).__name__}")
+    return section
 
 
-def _dataclass_from_dict(cls, data: dict[str, Any], where: str):
+def dataclass_from_dict(cls, data: dict[str, Any], where: str):
+    """``cls(**data)``, every value checked against its field's declared type (``typed``), with a
+    ``ConfigError`` naming ``where`` for a non-mapping, an unknown field or a value of the wrong type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(map(repr, set(data) - set(names)))
     if unknown:
         raise ConfigError(f"unknown {where} field(s): {', '.join(unknown)}")
-    return cls(**data)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{where} lacks the field(s) {', '.join(missing)}")
+    return cls(**{key: typed(value, hints[key], f"{where}.{key}") for key, value in data.items()})
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_SCALARS = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
+
+
+def typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as a field declared ``hint`` takes it: an int for a float becomes a float, a list
+    for a tuple a tuple, a mapping for a dataclass that dataclass (``dataclass_from_dict``); any
+    other value of the wrong type is a ``ConfigError`` naming ``where``. Annotations other than
+    scalars, unions, lists, tuples, mappings and dataclasses take any value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return typed(value, arg, where)
+            except ConfigError:
+                continue
+    elif dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else dataclass_from_dict(hint, value, where)
+    elif hint in _SCALARS:
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    elif origin is list and isinstance(value, list):
+        return [typed(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    elif origin is tuple and isinstance(value, list | tuple):
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(kinds) == len(value):
+            pairs = enumerate(zip(value, kinds, strict=True))
+            return tuple(typed(item, kind, f"{where}[{i}]") for i, (item, kind) in pairs)
+    elif origin is dict and isinstance(value, dict):
+        return {typed(key, args[0], f"{where} key"): typed(item, args[1], f"{where}.{key}")
+                for key, item in value.items()}
+    elif origin not in (list, tuple, dict):
+        return value
+    raise ConfigError(f"{where} takes {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    """A field's type in words: ``int or None``, ``a list of str``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if dataclasses.is_dataclass(hint) or origin is dict:
+        return "a mapping"
+    if origin in (list, tuple):
+        count = "" if origin is list or args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{_describe(args[0])}"
+    return _SCALARS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +324,13 @@ def _clip(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, m
     ).to_diff_dict()
 
 
+def _eva02_large(image_size: int) -> dict[str, Any]:
+    """EVA02-L/14 with the official PixelLLM settings (``pixelllm.model.eva02``: drop path 0.1)."""
+    from pixelllm.model.eva02 import eva02_large
+
+    return eva02_large(image_size)
+
+
 def _small_vit(image_size: int, *, hidden: int, depth: int, heads: int, patch: int, mlp: int) -> dict[str, Any]:
     """The in-repo conv-stem ViT (``pixelllm.model.small_vit``); its other fields take their defaults."""
     return {"model_type": "pixelllm_small_vit", "image_size": image_size, "patch_size": patch, "hidden_size": hidden,
@@ -380,14 +338,19 @@ def _small_vit(image_size: int, *, hidden: int, depth: int, heads: int, patch: i
 
 
 def _t5(*, vocab: int, d_model: int, d_ff: int, layers: int, heads: int, d_kv: int, tied: bool = False,
-        pad: int = 0, eos: int = 1) -> dict[str, Any]:
+        pad: int = 0, eos: int = 1, dropout: float = 0.1) -> dict[str, Any]:
     from transformers import T5Config
 
     return T5Config(
         vocab_size=vocab, d_model=d_model, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers,
         num_heads=heads, d_kv=d_kv, feed_forward_proj="gated-gelu", tie_word_embeddings=tied,
-        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, dropout_rate=0.0,
+        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, dropout_rate=dropout,
     ).to_diff_dict()
+
+
+def _heads(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The PixelLLM heads (location, mask, proposals) with their defaults, fields overridden by ``sections``."""
+    return {name: dict(sections.get(name, {})) for name in ("location", "mask", "proposals")}
 
 
 def _tiny() -> PixelLLMConfig:
@@ -397,19 +360,19 @@ def _tiny() -> PixelLLMConfig:
         sam=_sam(size, hidden=64, depth=2, heads=2, patch=8, window=5, global_attn=[1],
                  out_channels=64, decoder_layers=2, decoder_heads=4, decoder_mlp=256),
         semantic=_small_vit(size, hidden=128, depth=3, heads=4, patch=8, mlp=256),
-        lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True),
+        lm=_t5(vocab=1024, d_model=128, d_ff=256, layers=2, heads=4, d_kv=32, tied=True, dropout=0.0),
         extractor=ExtractorConfig(depth=2, width=128, heads=4, mlp_dim=256, num_tokens=16, token_dim=128,
                                   box_attention=True, token_grid=4),
-        # Trained from scratch in a CPU hour, box regression from hidden states alone does not learn
-        # which object a phrase names; pointing at feature cells does (docs/model_card.md).
-        location_head=LocationHeadConfig(kind="pointer", hidden=128, depth=3),
-        mask_head=MaskHeadConfig(depth=1, heads=4, mlp_dim=256),
-        proposal_head=ProposalHeadConfig(width=64, scales=(1.0, 0.5), top_blocks=1),
+        heads=_heads(
+            # Trained from scratch in a CPU hour, box regression from hidden states alone does not learn
+            # which object a phrase names; pointing at feature cells does. The loss
+            # weight is the official 0.1 at a 384-px canvas, rescaled to the same weight per image fraction.
+            location={"kind": "pointer", "hidden": 128, "depth": 3, "loss_weight": 0.24, "average": "prompt"},
+            mask={"depth": 1, "heads": 4, "mlp_dim": 256, "prompt_box": "target"},
+            proposals={"width": 64, "scales": [1.0, 0.5], "top_blocks": 1},
+        ),
         freeze_sam=False,  # no pretrained SAM exists at this size: the tiny model learns it all
         lora_rank=0,
-        mask_prompt_box="target",
-        location_loss_weight=0.24,  # 0.1 at the paper's 384 px canvas, rescaled to the same weight per image fraction
-        location_average="prompt",
         max_text_tokens=96,  # shapes-world narratives run to about 70 tokens
     )
 
@@ -423,6 +386,7 @@ def _base() -> PixelLLMConfig:
         semantic=_clip(size, hidden=768, depth=12, heads=12, patch=16, mlp=3072),
         lm=_t5(vocab=32128, d_model=768, d_ff=2048, layers=12, heads=12, d_kv=64),
         extractor=ExtractorConfig(depth=2, width=512, heads=8, mlp_dim=2048),
+        heads=_heads(),
         lora_rank=16,
     )
 
@@ -433,9 +397,10 @@ def _paper() -> PixelLLMConfig:
         image_size=size,
         sam=_sam(size, hidden=1280, depth=32, heads=16, patch=16, window=14,
                  global_attn=[7, 15, 23, 31], out_channels=256),
-        semantic=_clip(size, hidden=1024, depth=24, heads=16, patch=14, mlp=4096),
+        semantic=_eva02_large(size),
         lm=_t5(vocab=32128, d_model=2048, d_ff=5120, layers=24, heads=32, d_kv=64),
         extractor=ExtractorConfig(depth=6, width=512, heads=8, mlp_dim=2048),
+        heads=_heads(),
         lora_rank=32,
     )
 

@@ -1,17 +1,38 @@
-"""What the tasks return, in original-image pixels, and the JSON form of INTERFACE.md."""
+"""What the tasks return, in original-image pixels, and the JSON form of INTERFACE.md.
+
+No number that is not finite leaves through them: a result built with one (a NaN box, an infinite
+score) is a ``CheckpointError`` instead, since a model only computes those from weights that are
+corrupt or diverged.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pixelllm.data.words import Word
+from pixelllm.errors import CheckpointError
 
 
-def rounded(values) -> list[float]:
-    """Coordinates as JSON wants them: plain floats, to the hundredth of a pixel."""
-    return [round(float(v), 2) for v in values]
+def finite(values, what: str) -> list[float]:
+    """``values`` as plain floats, or a ``CheckpointError`` naming ``what`` if one is not finite."""
+    numbers = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in numbers):
+        raise CheckpointError(f"the model gave {what} that is not a finite number ({numbers}): its weights are "
+                              "likely corrupt or diverged in training; load another checkpoint")
+    return numbers
+
+
+def rounded(values, what: str = "a coordinate") -> list[float]:
+    """Coordinates as JSON wants them: plain, finite floats, to the hundredth of a pixel."""
+    return [round(v, 2) for v in finite(values, what)]
+
+
+def _finite_words(words: list[Word]) -> None:
+    for word in words:
+        finite([*word.box, *word.point], f"the box or point of the word {word.text!r}")
 
 
 def word_json(word: Word) -> dict:
@@ -27,6 +48,10 @@ class Caption:
     image_size: tuple[int, int]  # (W, H)
     score: float = 0.0
 
+    def __post_init__(self) -> None:
+        _finite_words(self.words)
+        finite([self.score], "a caption score")
+
     def to_dict(self) -> dict:
         return {"caption": self.text, "words": [word_json(w) for w in self.words],
                 "image_size": list(self.image_size)}
@@ -41,6 +66,9 @@ class Segmentation:
     mask: np.ndarray
     image_size: tuple[int, int]
     score: float = 0.0  # SAM's predicted IoU
+
+    def __post_init__(self) -> None:
+        finite([*self.box, self.score], "a segmentation's box or score")
 
     @property
     def area(self) -> int:
@@ -64,6 +92,10 @@ class Region:
     caption: str
     words: list[Word] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        finite([*self.box, self.score], "a region's box or score")
+        _finite_words(self.words)
+
     def to_dict(self) -> dict:
         return {"box": rounded(self.box), "score": round(float(self.score), 4), "caption": self.caption}
 
@@ -71,7 +103,7 @@ class Region:
 
 def location_json(expression: str, box, image_size: tuple[int, int]) -> dict:
     """The ``locate`` JSON of INTERFACE.md."""
-    return {"expression": expression, "box": rounded(box), "image_size": list(image_size)}
+    return {"expression": expression, "box": rounded(box, "a box"), "image_size": list(image_size)}
 
 
 def dense_captions_json(regions: list[Region], image_size: tuple[int, int]) -> dict:

@@ -23,22 +23,22 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pixelllm.data.images import load_image
 from pixelllm.data.transforms import CanvasTransform, prepare_image
 from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
-from pixelllm.generation import GenerationOutput, generate, teacher_forced_boxes, teacher_forced_hidden
-from pixelllm.model.pixelllm import ImageFeatures, PixelLLM
+from pixelllm.generation import GenerationOutput, generate, teacher_forced_reads, teacher_forced_states
+from pixelllm.model import ImageFeatures, PixelLLM, Prompts
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tokenization import encode_prompt
 
 CAPTION_DECODING = {"num_beams": 4, "length_penalty": 0.6}
+TOKEN_BOXES = "token_boxes"  # what a head reads from each state: the box of the token it read
 REGION_DECODING = {"num_beams": 1, "max_new_tokens": 40}
 
 
@@ -49,7 +49,7 @@ class _Prompt:
     box: np.ndarray  # (4,) canvas pixels
     is_point: bool
     text: str
-    scene: bool = False  # a caption of the whole image (``PixelLLM.language_inputs``)
+    whole_image: bool = False  # a caption of the whole image (a head may answer it: ``PixelLLM.language_inputs``)
 
 
 @dataclass
@@ -136,9 +136,11 @@ class Predictor:
         read = self._read_expressions(encoded, expressions)
         if read is None:
             return [[] for _ in expressions]
-        logits, iou = self.model.mask_logits(read.features, read.index, read.canvas_boxes, read.visual, read.hidden,
-                                             read.text_mask)
-        masks = [Segmentation(text, box, image._mask_to_original(logits[row]), image.image_size, float(iou[row]))
+        mask_logits = self.model.capability("mask_logits")
+        logits, iou = mask_logits(read.features, read.index, read.canvas_boxes, read.visual, read.hidden,
+                                  read.text_mask)
+        masks = [Segmentation(text, box, image.transform.mask_to_original(logits[row]), image.image_size,
+                              float(iou[row]))
                  for row, (image, text, box) in enumerate(zip(read.images, read.expressions, read.boxes, strict=True))]
         return _per_image(masks, [len(x) for x in expressions])
 
@@ -152,7 +154,7 @@ class Predictor:
         if not encoded:
             return []
         features, _ = _stack(encoded)
-        proposals = self.model.propose(features, max_proposals=max_regions)
+        proposals = self.model.capability("propose")(features, max_proposals=max_regions)
         found = [(e, box, score) for e, (boxes, scores) in zip(encoded, proposals, strict=True)
                  for box, score in zip(boxes.cpu().numpy(), scores.tolist(), strict=True)]
         out = self._generate([(e, _Prompt(box, False, self.prompts["region"])) for e, box, _ in found],
@@ -170,10 +172,10 @@ class Predictor:
         caption of ``encoded[i]`` (the trace prompt, teacher-forced): ``(len, 4)`` original pixels."""
         if not encoded:
             return []
-        reader, _, _, input_ids, attention_mask = self._model_inputs([(e, e._trace_prompt()) for e in encoded])
-        canvas = teacher_forced_boxes(reader, input_ids, attention_mask, token_ids)
-        return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c.cpu().numpy())])
-                if len(c) else np.zeros((0, 4)) for e, c in zip(encoded, canvas, strict=True)]
+        inputs, _, _, input_ids, attention_mask = self._model_inputs([(e, e._trace_prompt()) for e in encoded])
+        reads = teacher_forced_reads(inputs, input_ids, attention_mask, token_ids)[TOKEN_BOXES]
+        return [np.stack([_clip_box(b, e.image_size) for b in e.transform.boxes_to_original(c[1:].cpu().numpy())])
+                if len(c) > 1 else np.zeros((0, 4)) for e, c in zip(encoded, reads, strict=True)]
 
     def _encoded(self, images) -> list[EncodedImage]:
         if all(isinstance(image, EncodedImage) for image in images):
@@ -190,17 +192,17 @@ class Predictor:
                  for text in image_texts]
         if not pairs:
             return None
-        reader, features, index, input_ids, attention_mask = self._model_inputs(
+        inputs, features, index, input_ids, attention_mask = self._model_inputs(
             [(e, e._refer_prompt(text)) for e, text in pairs])
         sequences = [_token_ids(self.tokenizer, text) for _, text in pairs]
-        hidden = teacher_forced_hidden(reader, input_ids, attention_mask, sequences)
+        hidden = teacher_forced_states(inputs, input_ids, attention_mask, sequences)[:, 1:]  # position j reads token j
         lengths = torch.tensor([len(s) for s in sequences], device=self.device)
         last = hidden[torch.arange(len(pairs), device=self.device), lengths - 1]  # (N, D)
-        canvas_boxes = self.model.refer_boxes(last, features, index).float()
+        canvas_boxes = self.model.capability("refer_boxes")(last, features, index).float()
         boxes = [_clip_box(e.transform.boxes_to_original(b), e.image_size)
                  for (e, _), b in zip(pairs, canvas_boxes.cpu().numpy(), strict=True)]
         text_mask = torch.arange(hidden.shape[1], device=self.device) < lengths[:, None]
-        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, reader.visual, hidden,
+        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, inputs.visual, hidden,
                                 text_mask, canvas_boxes, boxes)
 
     @torch.no_grad()
@@ -208,19 +210,19 @@ class Predictor:
         """Decode prompts on any mix of encoded images in one batch; output row i answers request i."""
         decoding.setdefault("max_new_tokens", self.model.config.max_text_tokens)
         if not requests:
-            return GenerationOutput([], [], torch.zeros(0))
+            return GenerationOutput([], torch.zeros(0))
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
         return generate(self.model, features, index, boxes, is_point, input_ids, attention_mask,
-                        scene=_all_scene(requests), **decoding)
+                        whole_image=_all_whole_image(requests), **decoding)
 
     def _model_inputs(self, requests: list[tuple[EncodedImage, _Prompt]]):
         """For a teacher-forced pass: the requests' ``LanguageInputs``, their images as one feature
         batch, each request's image index ``(N,)``, ``input_ids`` and ``attention_mask`` ``(N, Lp)``."""
         features, index = _stack([e for e, _ in requests])
         input_ids, attention_mask, boxes, is_point = self._prompt_tensors([r for _, r in requests])
-        reader = self.model.language_inputs(features, index, boxes, is_point, _all_scene(requests))
-        return reader, features, index, input_ids, attention_mask
+        inputs = self.model.language_inputs(features, Prompts(index, boxes, is_point), _all_whole_image(requests))
+        return inputs, features, index, input_ids, attention_mask
 
     def _prompt_tensors(self, requests: list[_Prompt]):
         """``input_ids``, ``attention_mask`` ``(N, Lp)``, canvas ``boxes (N, 4)``, ``is_point (N,)``."""
@@ -285,7 +287,8 @@ class EncodedImage:
     # -- shared steps --------------------------------------------------------------------------
 
     def _trace_prompt(self) -> _Prompt:
-        return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"], scene=True)
+        return _Prompt(self.transform.valid_box.astype(np.float32), False, self.predictor.prompts["trace"],
+                       whole_image=True)
 
     def _region_prompt(self, box) -> _Prompt:
         return _Prompt(self._check_box(box), False, self.predictor.prompts["region"])
@@ -298,20 +301,13 @@ class EncodedImage:
         return self.predictor._generate([(self, r) for r in requests], **decoding)
 
     def _caption(self, out: GenerationOutput, row: int) -> Caption:
-        ids = out.sequences[row]
-        boxes = self.transform.boxes_to_original(out.boxes[row].cpu().numpy()) if ids else np.zeros((0, 4))
+        ids, located = out.sequences[row], out.per_token(TOKEN_BOXES)
+        canvas = located[row].cpu().numpy() if located is not None else np.zeros((len(ids), 4))
+        boxes = self.transform.boxes_to_original(canvas) if ids else np.zeros((0, 4))
         boxes = np.stack([_clip_box(b, self.image_size) for b in boxes]) if len(boxes) else boxes
         words = words_from_ids(self.predictor.tokenizer, ids, boxes)
         text = self.predictor.tokenizer.decode(ids, skip_special_tokens=True)
         return Caption(text, words, self.image_size, float(out.scores[row]))
-
-    def _mask_to_original(self, canvas_logits: torch.Tensor) -> np.ndarray:
-        """``(S, S)`` canvas logits -> ``(H, W)`` bool: crop the image area, resize bilinearly, threshold."""
-        cw, ch = self.transform.content_size
-        width, height = self.image_size
-        logits = canvas_logits[:ch, :cw][None, None].float()
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        return (logits[0, 0] > 0).cpu().numpy()
 
     def _check_box(self, box) -> np.ndarray:
         values = _numbers(box, 4, "box")
@@ -343,15 +339,14 @@ def _stack(encoded: list[EncodedImage]) -> tuple[ImageFeatures, torch.Tensor]:
     """The distinct images of ``encoded`` as one feature batch, and the index of each entry in it."""
     distinct = list({id(e): e for e in encoded}.values())
     position = {id(e): i for i, e in enumerate(distinct)}
-    features = ImageFeatures(*(torch.cat([getattr(e.features, f.name) for e in distinct])
-                               for f in fields(ImageFeatures)))
+    features = ImageFeatures.concat([e.features for e in distinct])
     index = torch.tensor([position[id(e)] for e in encoded], dtype=torch.long, device=features.features.device)
     return features, index
 
 
-def _all_scene(requests: list[tuple[EncodedImage, _Prompt]]) -> bool:
-    """Whether every request captions its whole image (then the scene captioner, if any, answers them)."""
-    return all(r.scene for _, r in requests)
+def _all_whole_image(requests: list[tuple[EncodedImage, _Prompt]]) -> bool:
+    """Whether every request captions its whole image (then a head of the model may answer them)."""
+    return all(r.whole_image for _, r in requests)
 
 
 def _per_image(results: list, counts: list[int]) -> list[list]:

@@ -23,16 +23,16 @@ import numpy as np
 import torch
 
 import pixelllm
-from pixelllm.model import heads
+from pixelllm.model.pointer import distinct_peaks as pointer_peaks
 
 
 def distinct_peaks(logits: torch.Tensor, grid: int, k: int) -> list[tuple[int, int]]:
     """The ``k`` highest cells ``(column, row)`` of ``logits (G*G,)`` (row-major), each outside the
-    3 x 3 cells around every earlier one (``heads.distinct_peaks``, as the re-ranker takes its
+    3 x 3 cells around every earlier one (``pointer.distinct_peaks``, as the re-ranker takes its
     candidates); fewer if the grid runs out."""
     rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     centers = torch.stack([columns.flatten(), rows.flatten()], dim=-1).float()  # unit cells
-    peaks = heads.distinct_peaks(logits[None].float(), centers, 1.0, k)[0].tolist()
+    peaks = pointer_peaks(logits[None].float(), centers, 1.0, k)[0].tolist()
     return [(index % grid, index // grid) for index in dict.fromkeys(peaks)]  # a repeat means exhausted
 
 
@@ -54,9 +54,9 @@ def pointer_recall(model_dir: str, records: list[dict], k: int) -> list[float]:
             encoded = predictor.encode(path)
             read = predictor._read_expressions([encoded], [[r["query"] for r in image_records]])
             last = read.hidden[torch.arange(len(image_records)), read.text_mask.sum(1) - 1]
-            cells = model.location_cells(read.features)
-            _, logits = model.location_head.locate(last[:, None], cells, read.index,
-                                                   read.features.valid_size[read.index])
+            head = model.heads["location"]  # a pointer location head
+            cells = head.cells(read.features)
+            _, logits = head.locator.locate(last[:, None], cells, read.index, read.features.valid_size[read.index])
             grid = int(len(cells[2]) ** 0.5)
             step = model.config.image_size / grid
             truth = encoded.transform.boxes_to_canvas(np.array([r["ground_truth"] for r in image_records]))

@@ -2,7 +2,7 @@
 
 For every object of a shapes-world split (its Visual Genome region), the feature map of
 ``PixelLLM.encode_images`` (``(C, G, G)`` on the canvas) is pooled over the cells whose centers lie
-in the object's canvas box (``pixelllm.model.words.pool_boxes``: the mean and the max of each
+in the object's canvas box (``pool_boxes``: the mean and the max of each
 channel, as the box word head pools them). A linear classifier of the shape word is trained on
 the objects of TRAIN_DIR and scored on those of TEST_DIR, on all channels and on each tower's own
 (SAM, semantic), split by the object's longest side on the canvas. A probe well below the region
@@ -22,9 +22,32 @@ import pixelllm
 from pixelllm.data.shapes.vocab import SHAPES
 from pixelllm.data.sources import open_source
 from pixelllm.evaluate.shapes import shape_word
-from pixelllm.model.words import pool_boxes
+from pixelllm.model.features import cell_centers
 
 LARGE_ON_CANVAS = 25.0  # longest side on the canvas, in pixels, that splits the report into large and small
+
+
+def pool_boxes(features: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mean and max of each channel of ``features (B, C, G, G)`` over the cells whose centers lie in
+    each box ``(N, 4)`` (cell units: cell ``i`` spans ``[i, i + 1)``; along an axis whose span holds no
+    cell center, the cell of the span's middle): ``(N, 2C)``, the means then the maxima."""
+    centers = cell_centers(features.shape[-1], features.shape[-1], features.device, boxes.dtype)
+    rows = _inside(centers, boxes[:, 1], boxes[:, 3])
+    columns = _inside(centers, boxes[:, 0], boxes[:, 2])
+    cells = (rows[:, :, None] & columns[:, None, :]).flatten(1)  # (N, G*G)
+    values = features.flatten(2)[image_index]  # (N, C, G*G)
+    weights = cells[:, None].to(values.dtype)
+    mean = (values * weights).sum(-1) / weights.sum(-1)
+    maximum = values.masked_fill(~cells[:, None], float("-inf")).amax(-1)
+    return torch.cat([mean, maximum], dim=1)
+
+
+def _inside(centers: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``(N, G)`` bool: the centers within ``[low, high]``, or the cell of the middle when none is."""
+    keep = (centers >= low[:, None]) & (centers <= high[:, None])
+    middle = ((low + high) / 2).long().clamp(0, len(centers) - 1)
+    fallback = torch.zeros_like(keep).scatter_(1, middle[:, None], True)
+    return torch.where(keep.any(1, keepdim=True), keep, fallback)
 
 
 @torch.no_grad()

@@ -45,6 +45,21 @@ def tiny_config(family: str = "t5", frozen: bool = False) -> PixelLLMConfig:
     return PixelLLMConfig.from_dict(data)
 
 
+def prompts_of(batch: dict):
+    """The location prompts of a collated batch."""
+    from pixelllm.model import Prompts
+
+    return Prompts(batch["prompt_image_index"], batch["prompt_boxes"], batch["prompt_is_point"])
+
+
+def with_changes(config: PixelLLMConfig, **changes) -> PixelLLMConfig:
+    """``config`` with fields changed; mappings (``heads``, ``extractor``) merge key by key, and None
+    removes a key (a head)."""
+    from pixelllm.train import merge_overrides
+
+    return PixelLLMConfig.from_dict(merge_overrides(config.to_dict(), changes))
+
+
 def tiny_model(family: str = "t5", frozen: bool = False, seed: int = 0):
     torch.manual_seed(seed)
     return build_model(tiny_config(family, frozen), tokenizer=tokenizer())

@@ -7,7 +7,9 @@ import pytest
 import torch
 from helpers import make_batch, tiny_model
 
-from pixelllm.generation import _beam_search, _brevity_penalty, generate
+from pixelllm.generation import _beam_search, _brevity_penalty, _Reads, generate
+from pixelllm.model import Prompts
+from pixelllm.model.decoding import LanguageInputs
 
 
 def _inputs(model, batch, rows=None):
@@ -43,8 +45,9 @@ def test_cached_and_uncached_decoding_agree(trained, beams):
     uncached = generate(*_inputs(model, batch), **options, use_cache=False)
     assert cached.sequences == uncached.sequences
     assert any(len(s) > 1 for s in cached.sequences)
-    for a, b in zip(cached.boxes, uncached.boxes, strict=True):
-        assert a.shape == (len(a), 4)
+    for a, b, s in zip(cached.per_token("token_boxes"), uncached.per_token("token_boxes"), cached.sequences,
+                       strict=True):
+        assert a.shape == (len(s), 4)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cached.scores, uncached.scores, atol=1e-4, rtol=1e-4)
 
@@ -58,14 +61,15 @@ def test_batched_equals_one_by_one(trained, beams):
     for row in range(3):
         alone = generate(*_inputs(model, batch, [row]), **options)
         assert alone.sequences[0] == together.sequences[row]
-        torch.testing.assert_close(alone.boxes[0], together.boxes[row], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(alone.reads["token_boxes"][0], together.reads["token_boxes"][row], atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_greedy_matches_transformers_generate():
     model, batch = _trained_a_little("t5")
     args = _inputs(model, batch)
     ours = generate(*args, max_new_tokens=10, block_repeats=False)
-    visual = model.visual_tokens(*args[1:5])
+    visual = model.visual_tokens(args[1], Prompts(*args[2:5]))
     embeds, mask = model.language._prefix(visual, args[5], args[6])
     theirs = model.language.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=10,
                                            do_sample=False, num_beams=1)
@@ -101,7 +105,9 @@ def test_beam_search_finds_the_exhaustive_optimum():
     for _ in range(5):
         table = torch.log_softmax(torch.randn(vocab, vocab) * 2, dim=-1)
         beams = vocab**max_len // 2 + 1
-        out = _beam_search(MarkovStepper(table, start, beams), None, 1, beams, max_len, eos, alpha)
+        reads = _Reads(None, beams, max_len)
+        out = _beam_search(MarkovStepper(table, start, beams), LanguageInputs(None, None), reads, 1, beams, max_len,
+                           eos, alpha)
         best, best_score = None, -math.inf
         for length in range(1, max_len + 1):
             for body in itertools.product(range(eos), repeat=length - 1):
@@ -119,6 +125,6 @@ def test_beam_search_finds_the_exhaustive_optimum():
 def test_caption_only_decoding_gives_the_same_text(trained):
     model, batch = trained
     with_boxes = generate(*_inputs(model, batch), max_new_tokens=8)
-    without = generate(*_inputs(model, batch), max_new_tokens=8, with_boxes=False)
+    without = generate(*_inputs(model, batch), max_new_tokens=8, read=False)
     assert without.sequences == with_boxes.sequences
-    assert all(b.shape == (len(s), 4) and not b.any() for b, s in zip(without.boxes, without.sequences, strict=True))
+    assert without.reads == {} and "token_boxes" in with_boxes.reads

@@ -10,6 +10,7 @@ from pixelllm.data import samples
 from pixelllm.data.collate import collate
 from pixelllm.data.pipeline import ExampleBuilder, TaskConfig
 from pixelllm.errors import InputError
+from pixelllm.model import Prompts
 from pixelllm.results import Caption, Region, Segmentation
 from pixelllm.tasks import Predictor
 
@@ -19,7 +20,7 @@ DECODE = {"max_new_tokens": 6}
 @pytest.fixture(scope="module")
 def predictor():
     model = tiny_model(seed=2)
-    model.config.proposal_head.score_threshold = 0.0  # a random detector scores everything low
+    model.heads["proposals"].config.score_threshold = 0.0  # a random detector scores everything low
     return Predictor(model)
 
 
@@ -107,9 +108,9 @@ def test_locate_reads_the_box_where_training_puts_it(predictor, photo):
     with torch.no_grad():
         images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
         index = batch["prompt_image_index"]
-        visual = model.visual_tokens(images, index, batch["prompt_boxes"], batch["prompt_is_point"])
+        visual = model.visual_tokens(images, Prompts(index, batch["prompt_boxes"], batch["prompt_is_point"]))
         hidden, _ = model.language(visual, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        boxes = model.token_boxes(hidden[:, 1:], images, index)[0]
+        boxes = model.capability("token_boxes")(hidden[:, 1:], images, index)[0]
     trained = batch["label_box_mask"][0, :-1].nonzero()[:, 0]
     assert len(trained) == 1  # one located token per referring expression
     encoded = predictor.encode(photo)

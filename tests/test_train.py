@@ -96,17 +96,18 @@ def test_new_parts_train_alone_from_a_checkpoint(tmp_path, shapes):
     from safetensors.torch import load_file
 
     train(TrainConfig.load(_config(tmp_path, shapes, steps=1, model=_box_pixel_model())), tmp_path / "base")
-    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["mask_refiner", "refer_reranker"],
-             "overrides": {"mask_refiner": {"resolution": 16, "width": 8}, "refer_reranker": {"candidates": 2}}}
+    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["heads.mask_refiner", "heads.refer_reranker"],
+             "overrides": {"heads": {"mask_refiner": {"resolution": 16, "width": 8},
+                                     "refer_reranker": {"candidates": 2}}}}
     refseg = [{"task": "refseg", "data": str(shapes), "max_prompts": 3}]
     last = train(TrainConfig.load(_config(tmp_path, shapes, steps=3, model=model, datasets=refseg)), tmp_path / "new")
     assert last["step"] == 3 and "mask_dice" in last and "rerank" in last
     before = load_file(tmp_path / "base" / "last" / "model.safetensors")
     after = load_file(tmp_path / "new" / "last" / "model.safetensors")
     new = set(after) - set(before)
-    assert {name.split(".")[0] for name in new} == {"mask_refiner", "refer_reranker"}
+    assert {".".join(name.split(".")[:2]) for name in new} == {"heads.mask_refiner", "heads.refer_reranker"}
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert after["mask_refiner.correction.weight"].abs().sum() > 0
+    assert after["heads.mask_refiner.correction.weight"].abs().sum() > 0
 
 
 def test_a_failing_evaluation_does_not_end_the_run(tmp_path, shapes, capsys):
@@ -191,6 +192,72 @@ def test_the_comparison_catches_a_rank_whose_gradient_is_dropped(tmp_path, shape
     assert fraction > 0.05 and moments > 0.1, (fraction, moments)
 
 
+@pytest.fixture(scope="module")
+def refer_shards(shapes, tmp_path_factory):
+    """The split's referring data in tar shards (one sample a shard), by scripts/write_shards.py."""
+    from helpers import load_script
+
+    path = tmp_path_factory.mktemp("refer_shards")
+    shards, summary = load_script("write_shards").write_source_shards("refer", str(shapes), str(path),
+                                                                      samples_per_shard=1)
+    assert shards == 2 and summary.endswith("shards: kept 2, skipped 0, repaired 0")
+    return path
+
+
+def test_a_run_from_shards_resumes_exactly(tmp_path, shapes, refer_shards):
+    """Streamed referring data read by 2 DataLoader workers, 3 examples a step from 2 samples an epoch:
+    the checkpoint after step 1 falls in the second epoch with worker 1 to read next, and the resumed
+    run takes the examples the uninterrupted one takes (the same losses)."""
+    datasets = [{"task": "refer", "data": str(refer_shards), "max_prompts": 3, "shuffle_buffer": 2}]
+    common = {"datasets": datasets, "batch_size": 3, "num_workers": 2, "save_every": 1}
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=3, **common)), tmp_path / "straight")
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=1, **common)), tmp_path / "resumed")
+    state = json.loads((tmp_path / "resumed" / "last" / "trainer_state.json").read_text())
+    assert state["streams"] == {"processes": 1, "workers": 2, "ranks": [{"0": [1, 1]}]}  # (epoch, taken)
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=3, **common)), tmp_path / "resumed", resume=True)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_shards_stream_under_two_processes(tmp_path, shapes, refer_shards):
+    """2 gloo processes stream the shards (one sample each an epoch), mixed with narratives held in
+    memory: every slot drawn for the shards was filled from its process's stream, the checkpoint
+    holds both processes' places, and a run resumed from it continues as the uninterrupted one."""
+    datasets = [{"task": "refer", "data": str(refer_shards), "max_prompts": 3}, {"task": "trace", "data": str(shapes)}]
+    for out, steps, resume in (("straight", 3, False), ("resumed", 2, False), ("resumed", 3, True)):
+        config = _config(tmp_path, shapes, steps=steps, datasets=datasets, num_workers=1, save_every=1)
+        _two_processes(config, tmp_path / out, 29520, ["-m", "pixelllm.train"], resume=resume)
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    places = json.loads((tmp_path / "straight" / "last" / "trainer_state.json").read_text())["streams"]
+    assert (places["processes"], places["workers"]) == (2, 1)
+    for rank, place in enumerate(places["ranks"]):
+        batches = MixtureBatches([2, 2], [1.0, 1.0], [0, 0], batch_size=2, accumulation=1,
+                                 runtime=Runtime(rank, 2, torch.device("cpu")), seed=0, start=0, steps=3)
+        slots = sum(address[0] == 0 for batch in batches for address in batch)
+        epoch, taken = place["0"]
+        assert epoch * 1 + taken == slots  # one sample a process an epoch
+
+
+def test_data_that_cannot_train_is_a_config_error(tmp_path, shapes, real_data):
+    muse = Path(__file__).parent / "fixtures" / "formats" / "muse_sample.json"
+    for dataset, message in (({"task": "muse", "data": str(muse), "images": str(real_data / "coco")},
+                              "dataset task 'muse' has no training targets; choose one of trace"),
+                             ({"task": "trace", "data": str(real_data / "vidln")},
+                              r"has no images \(a Video Localized Narratives .jsonl file")):
+        with pytest.raises(ConfigError, match=message):
+            train(TrainConfig.load(_config(tmp_path, shapes, datasets=[dataset])), tmp_path / "bad")
+
+
+def test_the_shards_config_example_loads():
+    config = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny_shards.yaml")
+    assert [d.task for d in config.datasets if "/shards/" in d.data] == ["region", "refer"]
+
+
 def test_datasets_join_at_their_start_step():
     runtime = Runtime(0, 1, torch.device("cpu"))
     batches = MixtureBatches([5, 5], [1.0, 1.0], [0, 3], batch_size=16, accumulation=1, runtime=runtime, seed=0,
@@ -215,10 +282,10 @@ def test_config_errors(tmp_path, shapes):
     with pytest.raises(ConfigError, match="not valid YAML"):
         TrainConfig.load(bad)
     bad.write_text(yaml.safe_dump({"datasets": [{"task": "trace", "data": "x"}], "stpes": 3}))
-    with pytest.raises(ConfigError, match="unknown key.*stpes"):
+    with pytest.raises(ConfigError, match="unknown config field.*stpes"):
         TrainConfig.load(bad)
     bad.write_text(yaml.safe_dump({"datasets": [{"task": "trace", "data": "x", "wieght": 2}]}))
-    with pytest.raises(ConfigError, match=r"datasets\[0\]: wieght"):
+    with pytest.raises(ConfigError, match=r"unknown config.datasets\[0\] field\(s\): 'wieght'"):
         TrainConfig.load(bad)
     with pytest.raises(ConfigError, match="not found"):
         TrainConfig.load(tmp_path / "missing.yaml")
@@ -233,11 +300,9 @@ def test_config_errors(tmp_path, shapes):
 
 
 def _box_pixel_model() -> dict:
-    from pixelllm.config import preset
 
-    extractor = {**preset("tiny").to_dict()["extractor"], "box_pixels": 16}
     return {"preset": "tiny", "vocab_size": 300,
-            "overrides": {"extractor": extractor, "box_pixel_word_loss_weight": 1.0}}
+            "overrides": {"extractor": {"box_pixels": 16}, "heads": {"pixel_words": {"weight": 1.0}}}}
 
 
 def test_box_pixel_pretraining_learns_before_the_loop_and_resume_skips_it(tmp_path, shapes):
@@ -279,10 +344,10 @@ def test_region_crops_are_the_region_prompts_with_their_captions(shapes):
 def test_box_pixel_pretraining_config_errors(tmp_path, shapes):
     with pytest.raises(ConfigError, match="box_pixel_pretrain needs epochs >= 0"):
         TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epochs": -1}))
-    with pytest.raises(ConfigError, match="unknown key.*box_pixel_pretrain: epoch"):
+    with pytest.raises(ConfigError, match="unknown config.box_pixel_pretrain field.*epoch"):
         TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epoch": 2}))
     no_encoder = TrainConfig.load(_config(tmp_path, shapes, box_pixel_pretrain={"epochs": 1}))
-    with pytest.raises(ConfigError, match="needs extractor.box_pixels and box_pixel_word_loss_weight"):
+    with pytest.raises(ConfigError, match="needs extractor.box_pixels and the head pixel_words"):
         train(no_encoder, tmp_path / "no_encoder")
     no_region = TrainConfig.load(_config(tmp_path, shapes, model=_box_pixel_model(), box_pixel_pretrain={"epochs": 1},
                                          datasets=[{"task": "refer", "data": str(shapes)}]))

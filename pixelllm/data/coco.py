@@ -10,7 +10,7 @@ RLE runs are column-major (Fortran order), starting with a run of zeros.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +76,7 @@ class CocoInstances:
     @classmethod
     def load(cls, path: str | Path) -> CocoInstances:
         """Read and index the file; ``DataError`` if it is not a COCO instances file."""
-        data = load_json_file(path, "COCO instances file")
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("images"), list)
-            or not isinstance(data.get("annotations"), list)
-        ):
-            raise DataError(f"{path} is not a COCO instances file (needs 'images' and 'annotations' lists)")
+        data = load_coco_json(path, "COCO instances file")
         images = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
         annotations = {a["id"]: a for a in data["annotations"] if isinstance(a, dict) and "id" in a}
         by_image: dict[int, list[dict]] = defaultdict(list)
@@ -94,6 +88,28 @@ class CocoInstances:
             if isinstance(c, dict) and "id" in c
         }
         return cls(images, annotations, dict(by_image), names)
+
+
+def load_coco_json(path: str | Path, what: str) -> dict:
+    """A COCO-style JSON file (a mapping with ``images`` and ``annotations`` lists), or ``DataError``
+    naming it (``what`` says what it should be)."""
+    data = load_json_file(path, what)
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise DataError(f"{what} {path} is not COCO-style (needs 'images' and 'annotations' lists)")
+    return data
+
+
+def image_header(image: dict) -> tuple[str, tuple[int, int]]:
+    """``(file name, (W, H))`` of a COCO-style ``images`` entry: ``file_name``, else the last part of
+    ``coco_url``; skips the record if there is neither, or no valid size."""
+    name = isinstance(image, dict) and (image.get("file_name") or str(image.get("coco_url", "")).rsplit("/", 1)[-1])
+    if not name:
+        raise SkipRecord("missing field 'file_name'")
+    return str(name), image_size(image)
 
 
 def image_size(image: dict) -> tuple[int, int]:
@@ -145,25 +161,35 @@ class CocoInstancesReader(Reader):
 
     def _samples(self) -> Iterator[Sample]:
         coco = CocoInstances.load(self.instances_path)
-        for image_id, image in coco.images.items():
+
+        def region(ann: dict, size: tuple[int, int]) -> Region:
+            if ann.get("iscrowd") and not self.include_crowd:
+                raise SkipRecord("crowd annotation")
+            return annotation_region(ann, size, [coco.category_names.get(ann.get("category_id"), "")])
+
+        yield from image_samples(coco.images.values(), coco.annotations_by_image, region, self)
+
+
+def image_samples(
+    images: Iterable[dict], annotations_by_image: dict, region: Callable[[dict, tuple[int, int]], Region], reader
+) -> Iterator[Sample]:
+    """One ``Sample`` per COCO-style ``images`` entry (its file under ``reader.image_dir``) with the
+    ``region(annotation, (W, H))`` of each of its annotations: an entry, an annotation or an image
+    left without any region is skipped and counted in ``reader.report``."""
+    for image in images:
+        try:
+            image_id = require(image, "id")
+            file_name, size = image_header(image)
+        except SkipRecord as skip:
+            reader.report.skip(str(skip))
+            continue
+        regions = []
+        for ann in annotations_by_image.get(image_id, []):
             try:
-                size = image_size(image)
-                file_name = require(image, "file_name")
+                regions.append(region(ann, size))
             except SkipRecord as skip:
-                self.report.skip(str(skip))
-                continue
-            regions = []
-            for ann in coco.annotations_by_image.get(image_id, []):
-                if ann.get("iscrowd") and not self.include_crowd:
-                    self.report.skip("crowd annotation")
-                    continue
-                try:
-                    regions.append(
-                        annotation_region(ann, size, [coco.category_names.get(ann.get("category_id"), "")])
-                    )
-                except SkipRecord as skip:
-                    self.report.skip(str(skip))
-            if not regions:
-                self.report.skip("image without usable annotations")
-                continue
-            yield Sample(self.image_dir / file_name, str(image_id), size, self.name, regions=regions)
+                reader.report.skip(str(skip))
+        if not regions:
+            reader.report.skip("image without usable regions")
+            continue
+        yield Sample(reader.image_dir / file_name, str(image_id), size, reader.name, regions=regions)

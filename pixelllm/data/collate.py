@@ -14,21 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelllm.data.pipeline import Example
+from pixelllm.data.pipeline import Example, Skip
 
 IGNORE_INDEX = -100
 SCENE_TASKS = ("trace", "caption")  # the tasks whose prompts caption the whole image
 
 
-def collate(examples: Sequence[Example | None], pad_token_id: int = 0) -> dict[str, Any] | None:
-    """Stack ``examples`` (``None`` entries, from skipped samples, are dropped) into one batch dict.
+def collate(examples: Sequence[Example | Skip | None], pad_token_id: int = 0) -> dict[str, Any] | None:
+    """Stack ``examples`` (``None`` and ``Skip`` entries, from skipped samples, are dropped) into one batch dict.
 
     Returns None when nothing is left. ``input_ids`` are right-padded with ``pad_token_id``,
     ``labels`` with -100; ``meta`` is a list of ``B`` dicts (``image_id``, ``source``,
     ``original_size`` ``(W, H)``, ``scale``, ``transform``, and ``prompts``: per prompt its task,
     target text, region id and ``target_box`` in original pixels, or None).
     """
-    examples = [e for e in examples if e is not None]
+    examples = [e for e in examples if isinstance(e, Example)]
     if not examples:
         return None
     prompts = [(b, p) for b, e in enumerate(examples) for p in e.targets.prompts]

@@ -10,8 +10,9 @@ Conversions (documented behaviour):
 - Grayscale, palette, CMYK and other modes go through Pillow's own conversion to RGB.
 
 Images over ``MAX_PIXELS`` (64 megapixels) are refused before they are decoded (decompression
-bombs), as are missing, corrupt and truncated files: each raises ``InputError`` with one line that
-names the file.
+bombs), as are images with a side under ``MIN_SIDE`` (8) pixels (``ImageTooSmall``: nothing in
+them survives the resize to the canvas but a smear, which the model captions as noise) and
+missing, corrupt and truncated files: each raises ``InputError`` with one line that names the file.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ from pixelllm.data.samples import ImageSource
 from pixelllm.errors import InputError
 
 MAX_PIXELS = 64_000_000
+MIN_SIDE = 8
 
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageTooSmall(InputError):
+    """An image with a side under ``MIN_SIDE`` pixels."""
 
 
 def load_image(src: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -84,6 +90,8 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
     w, h = size
     if w <= 0 or h <= 0:
         raise InputError(f"image {label} is empty ({w}x{h})")
+    if min(w, h) < MIN_SIDE:
+        raise ImageTooSmall(f"image {label} is {w}x{h} pixels: a side under {MIN_SIDE} pixels is too small to read")
     if w * h > max_pixels:
         raise InputError(
             f"image {label} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}: "

@@ -49,13 +49,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pixelllm.data.report import Reader, SkipRecord, require
+from pixelllm.data.report import Reader, SkipRecord, SkipReport, require
 from pixelllm.data.samples import Narrative, Sample, Utterance
 from pixelllm.data.words import caption_words, word_at
 from pixelllm.errors import DataError
@@ -113,26 +113,19 @@ class LocalizedNarrativesReader(Reader):
         image_name: str | Callable[[str, str], str] = "{image_id}.jpg",
     ) -> None:
         super().__init__()
-        self.paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+        self.paths = as_paths(paths)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.image_name = image_name
 
     def _samples(self) -> Iterator[Sample]:
-        for path in self.paths:
-            for record in iter_jsonl(path, self.report, "Localized Narratives JSONL"):
-                try:
-                    dataset_id, image_id, narrative = parse_ln_record(record)
-                except SkipRecord as skip:
-                    self.report.skip(str(skip))
-                    continue
-                if not trace_is_sorted(record["traces"]):
-                    self.report.repair("unsorted trace (sorted by time)")
-                yield Sample(
-                    self._image_path(dataset_id, image_id),
-                    image_id,
-                    source=dataset_id or self.name,
-                    narratives=[narrative],
-                )
+        records = iter_jsonl(self.paths, self.report, "Localized Narratives JSONL")
+        for dataset_id, image_id, narrative in read_narratives(records, self.report):
+            yield Sample(
+                self._image_path(dataset_id, image_id),
+                image_id,
+                source=dataset_id or self.name,
+                narratives=[narrative],
+            )
 
     def _image_path(self, dataset_id: str, image_id: str) -> Path | None:
         if self.image_dir is None:
@@ -142,11 +135,35 @@ class LocalizedNarrativesReader(Reader):
         return self.image_dir / self.image_name.format(image_id=image_id, dataset_id=dataset_id)
 
 
-def iter_jsonl(path: Path, report, what: str) -> Iterator[dict]:
-    """The JSON objects of a JSONL file; broken lines are skipped as ``malformed JSON line``.
+def read_narratives(records: Iterable, report: SkipReport) -> Iterator[tuple[str, str, Narrative]]:
+    """``parse_ln_record`` of each record: skipped ones counted by reason, unsorted traces counted
+    as repaired (sorted)."""
+    for record in records:
+        try:
+            parsed = parse_ln_record(record)
+        except SkipRecord as skip:
+            report.skip(str(skip))
+            continue
+        if not trace_is_sorted(record["traces"]):
+            report.repair("unsorted trace (sorted by time)")
+        yield parsed
 
-    Raises ``DataError`` when the file cannot be opened or has lines but no JSON object at all.
+
+def as_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One path or several, as a list."""
+    return [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+
+
+def iter_jsonl(paths: Path | Sequence[Path], report: SkipReport, what: str) -> Iterator[dict]:
+    """The JSON objects of JSONL files, in order; broken lines are skipped as ``malformed JSON line``.
+
+    Raises ``DataError`` when a file cannot be opened or has lines but no JSON object at all.
     """
+    for path in as_paths(paths):
+        yield from _jsonl_objects(path, report, what)
+
+
+def _jsonl_objects(path: Path, report: SkipReport, what: str) -> Iterator[dict]:
     try:
         handle = open(path, "rb")  # noqa: SIM115 - the `with` below needs the open error separately
     except OSError as exc:

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pixelllm.data.coco import annotation_region, image_size
-from pixelllm.data.report import Reader, SkipRecord, load_json_file, require
+from pixelllm.data.coco import annotation_region, image_header
+from pixelllm.data.report import JsonFileReader, SkipRecord, load_json_file, require
 from pixelllm.data.samples import Question, Region, Sample
 from pixelllm.errors import DataError
 
@@ -45,14 +45,10 @@ def _question(text, targets, answer, size: tuple[int, int]) -> Question:
     return Question(text.strip(), answer, [_target(t, size) for t in targets])
 
 
-class MuseReader(Reader):
+class MuseReader(JsonFileReader):
     """Samples (one per image: ``regions`` from ``ann_list``, ``questions`` with their targets)."""
 
     name = "muse"
-
-    def __init__(self, json_path: str | Path, image_dir: str | Path) -> None:
-        super().__init__()
-        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
 
     def _samples(self) -> Iterator[Sample]:
         data = load_json_file(self.json_path, "MUSE JSON")
@@ -68,14 +64,7 @@ class MuseReader(Reader):
                 yield sample
 
     def _sample(self, entry: dict, index: int) -> Sample | None:
-        name = (
-            entry.get("file_name") or str(entry.get("coco_url", "")).rsplit("/", 1)[-1]
-            if isinstance(entry, dict)
-            else None
-        )
-        if not name:
-            raise SkipRecord("missing field 'file_name'")
-        size = image_size(entry)
+        name, size = image_header(entry)
         regions = []
         for ann in require(entry, "ann_list") or []:
             try:

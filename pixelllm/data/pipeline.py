@@ -1,8 +1,9 @@
 """From a ``Sample`` to a model-ready ``Example``: load the image, augment, build targets on the canvas.
 
 ``ExampleBuilder`` does it for one sample and counts what it skipped (unreadable images, samples
-with nothing left to learn); ``ExampleDataset`` wraps a sequence of samples for a ``DataLoader``
-(use ``pixelllm.data.collate.collate`` as ``collate_fn``; it drops the ``None`` of skipped samples).
+with nothing left to learn); ``ExampleBuilder.build`` says why instead (a ``Skip``), counting
+nothing. ``ExampleDataset`` wraps a sequence of samples for a ``DataLoader`` (use
+``pixelllm.data.collate.collate`` as ``collate_fn``; it drops the ``None`` of skipped samples).
 
 Augmentation defaults follow the official configs: trace none; refer/refseg scale jitter
 0.75-1.25 without flip (expressions say "left" and "right"); densecap scale jitter 0.1-2.0 with
@@ -14,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pixelllm.data.images import load_image
+from pixelllm.data.images import MIN_SIDE, ImageTooSmall, load_image
 from pixelllm.data.report import SkipReport
 from pixelllm.data.samples import Sample
 from pixelllm.data.targets import TASKS, ImageTargets, build_targets, to_canvas
@@ -88,6 +89,13 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class Skip(NamedTuple):
+    """A sample that gave no example: the builder (``source``, its report's name) and why."""
+
+    source: str
+    reason: str
+
+
 class ExampleBuilder:
     """Callable ``(sample, rng) -> Example | None``; ``report`` counts kept and skipped samples."""
 
@@ -98,18 +106,27 @@ class ExampleBuilder:
         self.report = SkipReport(name or config.task)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Example | None:
+        example = self.build(sample, rng)
+        if isinstance(example, Skip):
+            self.report.skip(example.reason)
+            return None
+        self.report.keep()
+        return example
+
+    def build(self, sample: Sample, rng: np.random.Generator | None = None) -> Example | Skip:
+        """The example of ``sample``, or the ``Skip`` that says why there is none (the report counts
+        only the targets repaired on the way)."""
         c = self.config
         if sample.image is None:
-            self.report.skip("no image")
-            return None
+            return self._skip("no image")
         try:
             image = load_image(sample.image, name=_image_name(sample))
+        except ImageTooSmall:
+            return self._skip(f"image under {MIN_SIDE} pixels on a side")
         except InputError:
-            self.report.skip("unreadable image")
-            return None
+            return self._skip("unreadable image")
         if sample.image_size is not None and tuple(sample.image_size) != image.size:
-            self.report.skip("image size differs from its annotation")
-            return None
+            return self._skip("image size differs from its annotation")
         if c.augment is not None and rng is not None:
             transform = CanvasTransform.random(
                 image.size, c.canvas_size, rng, c.augment.scale_range, c.augment.flip_prob
@@ -130,21 +147,17 @@ class ExampleBuilder:
                 refer_text_loss=c.refer_text_loss,
             )
         except (ValueError, InputError):  # a mask or text the reader did not vet (e.g. built by hand)
-            self.report.skip("malformed annotation")
-            return None
+            return self._skip("malformed annotation")
         if not targets.prompts:
-            self.report.skip(f"no {c.task} target in the sample")
-            return None
+            return self._skip(f"no {c.task} target in the sample")
         targets, dropped = to_canvas(targets, transform)
         for reason, count in dropped.items():
             self.report.repair(f"dropped: {reason}", count)
         if not targets.prompts:
-            self.report.skip("no target left after the crop")
-            return None
+            return self._skip("no target left after the crop")
         if c.augment is not None and rng is not None and c.augment.box_jitter > 0:
             targets = _jitter_region_prompts(targets, c.augment.box_jitter, rng, transform.valid_box)
         pixel_values, pixel_mask = transform.image_to_canvas(image, c.pixel_scale)
-        self.report.keep()
         meta = {
             "image_id": sample.image_id,
             "source": sample.source,
@@ -153,6 +166,9 @@ class ExampleBuilder:
             "transform": transform,
         }
         return Example(pixel_values, pixel_mask, targets, transform, meta)
+
+    def _skip(self, reason: str) -> Skip:
+        return Skip(self.report.name, reason)
 
 
 def _image_name(sample: Sample) -> str:

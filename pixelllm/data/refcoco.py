@@ -23,8 +23,8 @@ import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
-from pixelllm.data.coco import CocoInstances, annotation_region, image_size
-from pixelllm.data.report import Reader, SkipRecord, load_json_file, require
+from pixelllm.data.coco import CocoInstances, annotation_region, image_header, image_size, load_coco_json
+from pixelllm.data.report import JsonFileReader, Reader, SkipRecord, require
 from pixelllm.data.samples import Region, Sample
 from pixelllm.errors import ConfigError, DataError
 
@@ -142,25 +142,13 @@ class RefCocoReader(Reader):
         return ann["image_id"], annotation_region(ann, image_size(image), texts, str(require(ref, "ref_id")))
 
 
-class MdetrRefReader(Reader):
+class MdetrRefReader(JsonFileReader):
     """Samples from an MDETR-style referring JSON (one file per dataset split)."""
 
     name = "mdetr-ref"
 
-    def __init__(self, json_path: str | Path, image_dir: str | Path) -> None:
-        super().__init__()
-        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
-
     def _samples(self) -> Iterator[Sample]:
-        data = load_json_file(self.json_path, "MDETR referring JSON")
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("images"), list)
-            or not isinstance(data.get("annotations"), list)
-        ):
-            raise DataError(
-                f"{self.json_path} is not an MDETR referring file (needs 'images' and 'annotations')"
-            )
+        data = load_coco_json(self.json_path, "MDETR referring JSON")
         entries = {im["id"]: im for im in data["images"] if isinstance(im, dict) and "id" in im}
         objects: dict[int, dict[int, Region]] = {}  # original image id -> original annotation id -> region
         files: dict[int, tuple[str, tuple[int, int]]] = {}
@@ -198,4 +186,4 @@ def _mdetr_object(ann: dict, entries: dict[int, dict]) -> tuple[int, int, str, s
         key = int(ann["original_id"] if "original_id" in ann else require(ann, "id"))
     except (TypeError, ValueError):
         raise SkipRecord("malformed id") from None
-    return original, key, caption, str(require(entry, "file_name")), image_size(entry)
+    return original, key, caption, *image_header(entry)

@@ -81,6 +81,14 @@ class Reader:
         return self.report.summary()
 
 
+class JsonFileReader(Reader):
+    """Base of the readers of one JSON file (``json_path``) whose images lie under ``image_dir``."""
+
+    def __init__(self, json_path: str | Path, image_dir: str | Path) -> None:
+        super().__init__()
+        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
+
+
 def load_json_file(path: str | Path, what: str) -> Any:
     """Parse a whole JSON file, or raise ``DataError`` naming it (``what`` says what it should be)."""
     path = Path(path)

@@ -5,17 +5,35 @@
 =================================  ==========================================================  ==============
 layout                             what ``PATH`` is                                            tasks
 =================================  ==========================================================  ==============
-shapes-world split                 a directory written by ``pixelllm synth`` (``images/``,     all
+shapes-world split                 a directory written by ``pixelllm synth`` (``images/``,     all but muse
                                    ``localized_narratives/``, ``refcoco/``, ``visual_genome/``)
-Localized Narratives               a ``.jsonl`` file, or a directory of them                   trace
+Localized Narratives               a ``.jsonl`` file, or a directory of them                   trace, caption
+Video Localized Narratives         a ``.jsonl`` file (or a directory of them) whose first      trace, caption
+                                   line has ``actor_narratives``; no frames: its samples have  (no image)
+                                   no image, so training refuses them and evaluation skips
+                                   them (they serve alignment studies and a tokenizer's text)
 RefCOCO / RefCOCO+ / RefCOCOg      a directory with ``refs(unc).p`` / ``refs(umd).p`` /         refer, refseg,
                                    ``refs(google).p`` and ``instances.json``, or the refs file  regioncap
+MDETR referring JSON               a ``.json`` file whose first ``images`` entry has a          refer, refseg,
+                                   ``caption`` (``final_refcoco_val.json`` ...)                 regioncap
+COCO instances                     a ``.json`` file named ``instances*.json``: one region per   densecap,
+                                   object, its category name as text (a name does not single   regioncap
+                                   out one of several instances: no refer / refseg)
 Visual Genome (official)           a directory with ``region_descriptions.json`` and            regioncap,
                                    ``image_data.json``, or ``region_descriptions.json`` itself  densecap
-Visual Genome (GRiT densecap JSON) any other ``.json`` file: COCO-style ``images`` and          regioncap,
-                                   ``annotations`` with ``caption`` (``test.json``: 5,000       densecap
-                                   images)
+Visual Genome (GRiT densecap JSON) any other ``.json`` file holding a mapping: COCO-style       regioncap,
+                                   ``images`` and ``annotations`` with ``caption``              densecap
+                                   (``test.json``: 5,000 images)
+MUSE (PixelLM)                     any other ``.json`` file holding a list of image entries     muse (no training
+                                   with ``questions`` and ``answers``                           task consumes it
+                                                                                               yet)
+tar shards                         a directory with ``index.json``, written by                 all (training
+                                   ``pixelllm.data.shards.ShardWriter`` (images inside)        streams them)
 =================================  ==========================================================  ==============
+
+``regioncap`` (the evaluation) and ``region`` (the training task of region captions) read the same
+layouts. A ``.json`` file's layout is told from its name and its first megabyte, never by parsing
+it whole (the real files are large).
 
 Images: ``images`` when given, else the first folder that exists of ``<dir>/images``,
 ``<dir>/../images`` and ``<dir>`` itself, ``<dir>`` being the folder of the annotation files (so a
@@ -23,50 +41,74 @@ shapes-world split needs nothing more). Localized Narratives files name images o
 of the image folder is found by its name without extension (``{image_id}.jpg``, ``.png``...) or by
 the number at the end of it (COCO's ``000000391895.jpg`` or ``COCO_val2014_000000391895.jpg`` for
 image id ``391895``). Visual Genome images may sit in the ``VG_100K`` / ``VG_100K_2`` subfolders that
-their ``url`` names.
+their ``url`` names. COCO-style files name each image's file (``file_name``, or the end of MUSE's
+``coco_url``). Shards hold their images, and VidLN has none.
 
 RefCOCO ``split``: ``val``, ``testA``, ... (the family, for checking the name, is the folder's name
 when it is ``refcoco``, ``refcoco+`` or ``refcocog``, else ``refcocog`` for ``refs(umd).p`` /
 ``refs(google).p`` and ``refcoco`` otherwise). Without one: all refs when the file holds a single
-split (a shapes-world split), else ``val``.
+split (a shapes-world split), else ``val``. MDETR files hold one split each.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelllm.data.coco import CocoInstancesReader
 from pixelllm.data.ln import LocalizedNarrativesReader
-from pixelllm.data.refcoco import SPLITS, RefCocoReader, load_refs
+from pixelllm.data.muse import MuseReader
+from pixelllm.data.refcoco import SPLITS, MdetrRefReader, RefCocoReader, load_refs
 from pixelllm.data.report import Reader
+from pixelllm.data.shards import INDEX_NAME, ShardReader
 from pixelllm.data.vg import GritVgReader, VisualGenomeReader
+from pixelllm.data.vidln import VidlnReader
 from pixelllm.errors import DataError
 
 LAYOUTS = {
-    "trace": ("narratives",),
-    "caption": ("narratives",),
-    "refer": ("refcoco",),
-    "refseg": ("refcoco",),
-    "regioncap": ("vg", "grit", "refcoco"),
-    "region": ("vg", "grit", "refcoco"),  # the training task of region captions
-    "densecap": ("vg", "grit"),
+    "trace": ("narratives", "vidln", "shards"),
+    "caption": ("narratives", "vidln", "shards"),
+    "refer": ("refcoco", "mdetr", "shards"),
+    "refseg": ("refcoco", "mdetr", "shards"),
+    "regioncap": ("vg", "grit", "refcoco", "mdetr", "coco", "shards"),
+    "region": ("vg", "grit", "refcoco", "mdetr", "coco", "shards"),  # the training task of region captions
+    "densecap": ("vg", "grit", "coco", "shards"),
+    "muse": ("muse", "shards"),
 }
 EXPECTED = {
     "narratives": "a Localized Narratives .jsonl file (or a folder of them)",
+    "vidln": "a Video Localized Narratives .jsonl file (or a folder of them)",
     "refcoco": "a RefCOCO folder (refs(unc).p and instances.json)",
+    "mdetr": "an MDETR referring .json file (image entries with a caption)",
+    "coco": "a COCO instances file (instances*.json)",
     "vg": "a Visual Genome folder (region_descriptions.json and image_data.json)",
     "grit": "a GRiT-style Visual Genome .json file",
+    "muse": "a MUSE .json file (a list of image entries)",
+    "shards": "a folder of tar shards with index.json",
 }
 REFS_FILES = ("refs(unc).p", "refs(umd).p", "refs(google).p")
 SHAPES_FOLDERS = {"narratives": "localized_narratives", "refcoco": "refcoco", "vg": "visual_genome"}
+NO_IMAGE_FOLDER = ("vidln", "shards")
+HEAD_BYTES = 1 << 20  # how much of a .json file tells its layout
+READERS = {
+    "narratives": lambda files, images: LocalizedNarrativesReader(files, images, ImageIndex(images)),
+    "vidln": lambda files, images: VidlnReader(files),
+    "vg": lambda files, images: VisualGenomeReader(files[0], files[1], images),
+    "grit": lambda files, images: GritVgReader(files[0], images),
+    "mdetr": lambda files, images: MdetrRefReader(files[0], images),
+    "coco": lambda files, images: CocoInstancesReader(files[0], images),
+    "muse": lambda files, images: MuseReader(files[0], images),
+    "shards": lambda files, images: ShardReader(files[0]),
+}
 
 
 @dataclass
 class DataSource:
     """The reader of a task's data, the layout it was found in (a key of ``EXPECTED``), its image
-    folder, and the RefCOCO split evaluated (None for other data)."""
+    folder (the shard folder for shards), and the RefCOCO split evaluated (None for other data)."""
 
     reader: Reader
     layout: str
@@ -88,26 +130,31 @@ def open_source(
     layout = next((name for name in LAYOUTS[task] if name in found), None)
     if layout is None:
         wanted = " or ".join(EXPECTED[name] for name in LAYOUTS[task])
-        raise DataError(f"{path} is not {task} data: expected {wanted}, or a shapes-world split")
+        shapes = ", or a shapes-world split" if any(name in SHAPES_FOLDERS for name in LAYOUTS[task]) else ""
+        raise DataError(f"{path} is not {task} data: expected {wanted}{shapes}")
     if split is not None and layout != "refcoco":
         raise DataError(f"split {split!r} applies to RefCOCO data only, and {path} is {EXPECTED[layout]}")
+    if images is not None and layout in NO_IMAGE_FOLDER:
+        raise DataError(f"{path} is {EXPECTED[layout]}, which takes no image folder")
     files = found[layout]
     image_dir = Path(images) if images is not None else _default_images(files[0].parent)
+    if layout == "shards":
+        image_dir = files[0]
     if not image_dir.is_dir():
         raise DataError(f"image folder not found: {image_dir}")
-    if layout == "narratives":
-        return DataSource(LocalizedNarrativesReader(files, image_dir, ImageIndex(image_dir)), layout, image_dir)
-    if layout == "vg":
-        return DataSource(VisualGenomeReader(files[0], files[1], image_dir), layout, image_dir)
-    if layout == "grit":
-        return DataSource(GritVgReader(files[0], image_dir), layout, image_dir)
+    if layout == "refcoco":
+        return _refcoco_source(files, image_dir, split)
+    return DataSource(READERS[layout](files, image_dir), layout, image_dir)
+
+
+def _refcoco_source(files: list[Path], image_dir: Path, split: str | None) -> DataSource:
     refs, instances = files
     present = sorted({str(r.get("split")) for r in load_refs(refs) if isinstance(r, dict)})
     split = _refcoco_split(refs, split, present)
     # A file that holds one split only (a shapes-world split) is read whole, whatever its name.
     reader_split = None if len(present) == 1 else split
     reader = RefCocoReader(refs, instances, image_dir, _refcoco_family(refs), reader_split)
-    return DataSource(reader, layout, image_dir, split)
+    return DataSource(reader, "refcoco", image_dir, split)
 
 
 def _shapes_part(path: Path, task: str) -> Path:
@@ -125,10 +172,11 @@ def _layouts(path: Path) -> dict[str, list[Path]]:
     """The layouts found at ``path``, each with its files."""
     if path.is_file():
         return _file_layouts(path)
+    if (path / INDEX_NAME).is_file():
+        return {"shards": [path]}
     found: dict[str, list[Path]] = {}
-    jsonl = sorted(path.glob("*.jsonl"))
-    if jsonl:
-        found["narratives"] = jsonl
+    for jsonl in sorted(path.glob("*.jsonl")):
+        found.setdefault(_jsonl_layout(jsonl), []).append(jsonl)
     refs = next((path / name for name in REFS_FILES if (path / name).is_file()), None)
     if refs is not None and (path / "instances.json").is_file():
         found["refcoco"] = [refs, path / "instances.json"]
@@ -139,14 +187,58 @@ def _layouts(path: Path) -> dict[str, list[Path]]:
 
 def _file_layouts(path: Path) -> dict[str, list[Path]]:
     if path.suffix == ".jsonl":
-        return {"narratives": [path]}
+        return {_jsonl_layout(path): [path]}
     if path.name in REFS_FILES:
         return _layouts(path.parent)
     if path.name == "region_descriptions.json":
         return {"vg": [path, path.parent / "image_data.json"]}
     if path.suffix == ".json":
-        return {"grit": [path]}
+        layout = _json_layout(path)
+        return {layout: [path]} if layout else {}
     return {}
+
+
+def _jsonl_layout(path: Path) -> str:
+    """``vidln`` when the file's first line is a Video Localized Narratives record, else
+    ``narratives`` (whose reader reports what is wrong with a file that is neither)."""
+    try:
+        with open(path, "rb") as handle:
+            line = next((line for line in handle if line.strip()), b"")
+        record = json.loads(line)
+    except (OSError, ValueError):
+        return "narratives"
+    return "vidln" if isinstance(record, dict) and "actor_narratives" in record else "narratives"
+
+
+def _json_layout(path: Path) -> str | None:
+    """The layout of a ``.json`` file from its name and first bytes, or None for none of them: a
+    list is MUSE; a mapping is COCO instances by name, MDETR when its first image has a caption,
+    else GRiT."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head.startswith("["):
+        return "muse"
+    if not head.startswith("{"):
+        return None
+    if path.name.startswith("instances"):
+        return "coco"
+    first = _first_image(head)
+    return "mdetr" if first is not None and "caption" in first else "grit"
+
+
+def _first_image(head: str) -> dict | None:
+    """The first entry of the ``images`` list in the text ``head`` of a JSON file, if it is there whole."""
+    match = re.search(r'"images"\s*:\s*\[\s*', head)
+    if match is None:
+        return None
+    try:
+        entry, _ = json.JSONDecoder().raw_decode(head, match.end())
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def _default_images(folder: Path) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -145,14 +146,23 @@ class CanvasTransform:
         out[: warped.shape[0], : warped.shape[1]] = warped
         return out
 
-    def mask_to_original(self, mask: np.ndarray) -> np.ndarray:
-        """bool ``(S, S)`` canvas -> bool ``(H, W)`` original (nearest neighbour; padding ignored)."""
+    def mask_to_original(self, mask) -> np.ndarray:
+        """A canvas mask ``(S, S)`` -> bool ``(H, W)`` original (padding ignored): a bool mask by
+        nearest neighbour; logits (a float array or tensor) resized bilinearly, then thresholded at 0,
+        so that a prediction's edges stay as smooth as its logits."""
         cw, ch = self.content_size
         rw, rh = self.resized_size
         (ox, oy), (w, h) = self.offset, self.original_size
-        scaled = np.zeros((rh, rw), dtype=np.uint8)
-        scaled[oy : oy + ch, ox : ox + cw] = np.asarray(mask[:ch, :cw], dtype=np.uint8) * 255
-        out = np.asarray(Image.fromarray(scaled).resize((w, h), Image.Resampling.NEAREST)) > 127
+        if isinstance(mask, torch.Tensor) or np.issubdtype(np.asarray(mask).dtype, np.floating):
+            logits = torch.as_tensor(mask, dtype=torch.float32)
+            scaled = logits.new_full((rh, rw), -1e4)  # outside the crop: off
+            scaled[oy : oy + ch, ox : ox + cw] = logits[:ch, :cw]
+            out = (F.interpolate(scaled[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0)
+            out = out.cpu().numpy()
+        else:
+            scaled = np.zeros((rh, rw), dtype=np.uint8)
+            scaled[oy : oy + ch, ox : ox + cw] = np.asarray(mask[:ch, :cw], dtype=np.uint8) * 255
+            out = np.asarray(Image.fromarray(scaled).resize((w, h), Image.Resampling.NEAREST)) > 127
         return hflip_mask(out) if self.flip else out
 
     def _warp(self, image: Image.Image, resample: Image.Resampling) -> Image.Image:

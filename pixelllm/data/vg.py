@@ -18,8 +18,8 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pixelllm.data.coco import image_size
-from pixelllm.data.report import Reader, SkipRecord, load_json_file, require
+from pixelllm.data.coco import image_samples, image_size, load_coco_json
+from pixelllm.data.report import JsonFileReader, Reader, SkipRecord, load_json_file, require
 from pixelllm.data.samples import Region, Sample, check_box, xywh_to_xyxy
 from pixelllm.errors import DataError
 
@@ -96,43 +96,18 @@ class VisualGenomeReader(Reader):
         return nested if nested is not None and nested.is_file() else self.image_dir / name
 
 
-class GritVgReader(Reader):
+class GritVgReader(JsonFileReader):
     """Samples from the GRiT-processed COCO-style Visual Genome JSON."""
 
     name = "vg-grit"
 
-    def __init__(self, json_path: str | Path, image_dir: str | Path) -> None:
-        super().__init__()
-        self.json_path, self.image_dir = Path(json_path), Path(image_dir)
-
     def _samples(self) -> Iterator[Sample]:
-        data = load_json_file(self.json_path, "GRiT Visual Genome JSON")
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("images"), list)
-            or not isinstance(data.get("annotations"), list)
-        ):
-            raise DataError(f"{self.json_path} is not a COCO-style file (needs 'images' and 'annotations')")
+        data = load_coco_json(self.json_path, "GRiT Visual Genome JSON")
         by_image: dict = defaultdict(list)
         for ann in data["annotations"]:
             by_image[ann.get("image_id") if isinstance(ann, dict) else None].append(ann)
-        for image in data["images"]:
-            try:
-                image_id, size, file_name = (
-                    require(image, "id"),
-                    image_size(image),
-                    require(image, "file_name"),
-                )
-            except SkipRecord as skip:
-                self.report.skip(str(skip))
-                continue
-            kept = []
-            for ann in by_image.get(image_id, []):
-                try:
-                    kept.append(_region(require(ann, "bbox"), size, require(ann, "caption"), ann.get("id")))
-                except SkipRecord as skip:
-                    self.report.skip(str(skip))
-            if not kept:
-                self.report.skip("image without usable regions")
-                continue
-            yield Sample(self.image_dir / file_name, str(image_id), size, self.name, regions=kept)
+
+        def region(ann: dict, size: tuple[int, int]) -> Region:
+            return _region(require(ann, "bbox"), size, require(ann, "caption"), ann.get("id"))
+
+        yield from image_samples(data["images"], by_image, region, self)

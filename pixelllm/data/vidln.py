@@ -20,7 +20,7 @@ import ast
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from pixelllm.data.ln import iter_jsonl, parse_ln_record, trace_is_sorted
+from pixelllm.data.ln import as_paths, iter_jsonl, read_narratives
 from pixelllm.data.report import Reader, SkipRecord, require
 from pixelllm.data.samples import Sample
 
@@ -87,24 +87,16 @@ class VidlnReader(Reader):
 
     def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
         super().__init__()
-        self.paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+        self.paths = as_paths(paths)
 
     def records(self) -> Iterator[dict]:
         """The converted image-LN records (valid or not; ``LocalizedNarrativesReader`` checks them)."""
-        for path in self.paths:
-            for record in iter_jsonl(path, self.report, "Video Localized Narratives JSONL"):
-                try:
-                    yield from vidln_to_ln(record)
-                except SkipRecord as skip:
-                    self.report.skip(str(skip))
-
-    def _samples(self) -> Iterator[Sample]:
-        for ln_record in self.records():
+        for record in iter_jsonl(self.paths, self.report, "Video Localized Narratives JSONL"):
             try:
-                dataset_id, image_id, narrative = parse_ln_record(ln_record)
+                yield from vidln_to_ln(record)
             except SkipRecord as skip:
                 self.report.skip(str(skip))
-                continue
-            if not trace_is_sorted(ln_record["traces"]):
-                self.report.repair("unsorted trace (sorted by time)")
+
+    def _samples(self) -> Iterator[Sample]:
+        for dataset_id, image_id, narrative in read_narratives(self.records(), self.report):
             yield Sample(None, image_id, source=dataset_id, narratives=[narrative])

@@ -10,7 +10,7 @@ masks ``(H, W)``), the frame of the readers, of ``pixelllm.tasks`` and of the me
   alignment: 16 samples over the utterance's time window): ``TracePointL1``. The image's generated
   caption (beam 4) is scored against its narratives' captions: ``CaptionMetrics``. On the shapes
   world, ``WordGrounding`` scores both the generated caption's words and the narratives' own words
-  as read (``narrative_word_grounding``).
+  as read (``narrative_word_grounding``), and ``SceneCoverage`` how the caption covers the scene.
 - **refer**: every expression of every object: the box at the expression's last word, the
   expression read teacher-forced (as the official RefCOCO inference does; nothing is decoded),
   against the object's box: ``ReferringLocalization`` (Precision@1).
@@ -44,7 +44,7 @@ from pixelllm.evaluate.captions import CaptionMetrics, MeteorScorer
 from pixelllm.evaluate.densecap import DenseCaptioning, merge_regions
 from pixelllm.evaluate.refer import ReferringLocalization
 from pixelllm.evaluate.refseg import ReferringSegmentation
-from pixelllm.evaluate.shapes import ColorShapeAccuracy, WordGrounding
+from pixelllm.evaluate.shapes import ColorShapeAccuracy, SceneCoverage, WordGrounding
 from pixelllm.evaluate.trace import TracePointL1
 from pixelllm.results import Region, Segmentation
 from pixelllm.tokenization import encode_target
@@ -201,7 +201,8 @@ class TraceProtocol(Protocol):
         self.captions = CaptionMetrics(self.meteor)
         # fed where the scene's objects are known (shapes world)
         self.grounding, self.narrative_grounding = WordGrounding(), WordGrounding("narrative_word_grounding")
-        self.metrics = [self.points, self.captions, self.grounding, self.narrative_grounding]
+        self.coverage = SceneCoverage()
+        self.metrics = [self.points, self.captions, self.grounding, self.narrative_grounding, self.coverage]
         self.primary = self.points
 
     def units(self, sample: Sample, size: tuple[int, int]) -> list[TraceUnit]:
@@ -243,6 +244,7 @@ class TraceProtocol(Protocol):
             objects = [(" ".join(region.texts), region.box) for region in image.sample.regions]
             if objects and answer.words is not None:
                 self.grounding.update(answer.words, objects)
+                self.coverage.update(answer.caption, [phrase for phrase, _ in objects])
             if objects and answer.narrative_words is not None:
                 for words in answer.narrative_words:
                     self.narrative_grounding.update(words, objects)

@@ -12,6 +12,12 @@ Two metrics, defined on the fixed vocabulary of ``docs/shapes_world.md`` (colors
   words as missed. Result: the fraction of grounded words, as ``word_grounding`` for the captions
   the model generates and ``narrative_word_grounding`` for the ground-truth narratives read
   teacher-forced (where every mention names a real object, so it measures the pointing alone).
+- ``SceneCoverage`` (whole-image captions): how a caption covers its scene, counting the mentions
+  that say a color and a shape. Each mention names one object of the scene it matches, one not
+  named before if there is one (so two mentions of twins name both): ``objects_named``, the
+  percent of the scene's objects some mention names; ``mentions_real``, the percent of mentions
+  that match an object of the scene (0 when the captions make none); ``captions_repeating``, the
+  percent of captions with a mention whose every matching object was named already.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ def matches(attributes: dict[str, str], phrase: str) -> bool:
 
 
 # The shapes-world scores a report shows beside the protocol's own, where the data gives them.
-SHAPES_METRICS = ("color_shape_accuracy", "word_grounding", "narrative_word_grounding")
+SHAPES_METRICS = ("color_shape_accuracy", "word_grounding", "narrative_word_grounding", "objects_named",
+                  "mentions_real", "captions_repeating")
 
 
 class ColorShapeAccuracy(Metric):
@@ -114,3 +121,37 @@ class WordGrounding(Metric):
     def _values(self) -> dict[str, float]:
         total = self.counts["num_samples"]
         return {self.key: 100.0 * self.grounded / total if total else float("nan")}
+
+
+class SceneCoverage(Metric):
+    """How whole-image captions cover their scenes (``objects_named``, ``mentions_real``,
+    ``captions_repeating``); see the module docstring. A caption is a sample."""
+
+    def _clear(self) -> None:
+        self.objects = self.named = self.mentions = self.real = self.repeating = 0
+
+    def update(self, caption: str, objects: Sequence[str]) -> None:
+        """``caption``: the text; ``objects``: the scene's objects' phrases ("small red circle")."""
+        named: set[int] = set()
+        repeated = False
+        for _, attributes in mentions(lower_words(caption)):
+            if not {"color", "shape"} <= set(attributes):
+                continue
+            self.mentions += 1
+            candidates = [i for i, phrase in enumerate(objects) if matches(attributes, phrase)]
+            self.real += bool(candidates)
+            fresh = [i for i in candidates if i not in named]
+            named.update(fresh[:1])
+            repeated |= bool(candidates) and not fresh
+        self.counts["num_samples"] += 1
+        self.objects += len(objects)
+        self.named += len(named)
+        self.repeating += repeated
+
+    def _values(self) -> dict[str, float]:
+        def percent(part: int, whole: int, empty: float = float("nan")) -> float:
+            return 100.0 * part / whole if whole else empty
+
+        return {"objects_named": percent(self.named, self.objects),
+                "mentions_real": percent(self.real, self.mentions, empty=0.0),  # no mention: none is real
+                "captions_repeating": percent(self.repeating, self.counts["num_samples"])}

@@ -1,20 +1,20 @@
-"""Builders: a PixelLLM from a config (random weights), or from real Hugging Face checkpoints.
+"""Builders: the parts of a PixelLLM from a config (random weights), or from real checkpoints.
 
-``build_model(config)`` makes every part from its config; under ``torch.device("meta")`` it builds
-the paper preset without memory, for counting. ``build_from_pretrained_parts`` loads a SAM
-checkpoint (``facebook/sam-vit-*`` layout), a CLIP or SigLIP vision tower and a T5 or causal LM
-from local directories, and resizes the position tables of both vision towers to the canvas.
+``build_parts(config)`` makes every part from its config; under ``torch.device("meta")`` it builds
+the paper preset without memory, for counting. ``pretrained_parts`` loads a SAM checkpoint
+(``facebook/sam-vit-*`` layout), a CLIP, SigLIP or EVA02 (timm layout) vision tower and a T5 or
+causal LM from local directories or Hugging Face repository ids (``checkpoint.resolve``), and resizes
+the position tables of both vision towers to the canvas. ``PixelLLM`` composes the parts.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -30,18 +30,13 @@ from transformers import (
 from pixelllm.config import PixelLLMConfig, preset
 from pixelllm.errors import CheckpointError, ConfigError
 from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS
+from pixelllm.model.checkpoint import resolve
+from pixelllm.model.eva02 import load_eva02_tower
 from pixelllm.model.extractor import PromptFeatureExtractor
-from pixelllm.model.heads import LocationHead, PointerLocationHead
+from pixelllm.model.heads import BuildContext, head_configs
 from pixelllm.model.language import language_model
-from pixelllm.model.mask_refiner import MaskRefiner
-from pixelllm.model.masks import MaskAdapter, MaskHead
-from pixelllm.model.pixelllm import PixelLLM
 from pixelllm.model.prompt import PromptEncoder
-from pixelllm.model.proposals import ProposalHead
-from pixelllm.model.reranker import ReferReranker
-from pixelllm.model.scene import SceneCaptioner
 from pixelllm.model.vision import DualImageEncoder
-from pixelllm.model.words import BoxWordHead
 
 VISION_TOWERS = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
                  "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
@@ -59,82 +54,58 @@ def hf_config(data: dict) -> PretrainedConfig:
         raise ConfigError(f"unknown model_type {model_type!r}: {exc}") from None
 
 
-def build_model(config: PixelLLMConfig, tokenizer=None) -> PixelLLM:
-    """A PixelLLM with freshly initialized weights."""
-    sam = new_sam(config)
-    semantic = AutoModel.from_config(hf_config(config.semantic))
-    lm_config = hf_config(config.lm)
-    lm_class = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
-    return assemble(config, sam, semantic, lm_class.from_config(lm_config), tokenizer)
-
-
-def assemble(config: PixelLLMConfig, sam: SamModel, semantic: torch.nn.Module, lm: torch.nn.Module,
-             tokenizer=None) -> PixelLLM:
-    """Compose a PixelLLM from transformers parts whose configs ``config`` records."""
+def build_parts(config: PixelLLMConfig, tokenizer=None, *, sam: SamModel | None = None,
+                semantic: torch.nn.Module | None = None, lm: torch.nn.Module | None = None) -> dict:
+    """The parts of a PixelLLM (``vision``, ``prompt_encoder``, ``extractor``, ``language``,
+    ``heads``): from the transformers models given, or new ones built from ``config``. The
+    tokenizer gains the heads' special tokens that it lacks."""
+    sam = sam or new_sam(config)
+    semantic = semantic or AutoModel.from_config(hf_config(config.semantic))
+    if lm is None:
+        lm_config = hf_config(config.lm)
+        lm = (AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM).from_config(lm_config)
+    heads = head_configs(config)
+    _add_special_tokens(tokenizer, [token for cls, head_config in heads.values()
+                                    for token in cls.special_tokens(head_config)])
     _check_tokenizer(tokenizer, lm.config)
     vision = DualImageEncoder(sam.vision_encoder, semantic, freeze_sam=config.freeze_sam)
     prompt_encoder = PromptEncoder(sam.prompt_encoder, frozen=config.freeze_sam)
     language = language_model(lm, config.lora_rank, config.lora_alpha, config.lora_targets)
     extractor = PromptFeatureExtractor(config.extractor, vision.out_channels, prompt_encoder.dim,
-                                       language.hidden_size)
-    head = location_head(config, language.hidden_size, vision.out_channels)
-    adapter = MaskAdapter(config.mask_head, language.hidden_size, prompt_encoder.dim)
-    masks = MaskHead(sam.mask_decoder, adapter, frozen=config.freeze_sam)
-    proposals = ProposalHead(config.proposal_head, vision.out_channels, config.image_size)
-    semantic_channels = vision.out_channels - vision.sam_channels
-    words = BoxWordHead(semantic_channels, lm.config.vocab_size) if config.word_loss_weight > 0 else None
-    pixel_words = (nn.Linear(BOX_PIXEL_TOKENS * config.extractor.width, lm.config.vocab_size)
-                   if config.box_pixel_word_loss_weight > 0 else None)
-    refiner = MaskRefiner(config.mask_refiner) if config.mask_refiner is not None else None
-    reranker = (ReferReranker(config.refer_reranker, language.hidden_size, BOX_PIXEL_TOKENS * config.extractor.width)
-                if config.refer_reranker is not None else None)
-    scene = (SceneCaptioner(config.scene_captioner, copy.deepcopy(language), language.hidden_size, BOX_PIXEL_TOKENS)
-             if config.scene_captioner is not None else None)
-    return PixelLLM(config, vision, prompt_encoder, extractor, language, head, masks, proposals, words,
-                    pixel_words, mask_refiner=refiner, refer_reranker=reranker, scene_captioner=scene,
-                    tokenizer=tokenizer)
+                                       language.hidden_size, config.image_size)
+    context = BuildContext(config, language.hidden_size, vision.out_channels, vision.sam_channels, prompt_encoder.dim,
+                           BOX_PIXEL_TOKENS * config.extractor.width if config.extractor.box_pixels else 0,
+                           lm.config.get_text_config().vocab_size, sam=sam, language=language)
+    return {"vision": vision, "prompt_encoder": prompt_encoder, "extractor": extractor, "language": language,
+            "heads": {name: cls(head_config, context) for name, (cls, head_config) in heads.items()}}
 
 
-def location_head(config: PixelLLMConfig, lm_dim: int, feature_dim: int) -> LocationHead | PointerLocationHead:
-    """The localization head that ``config.location_head.kind`` names."""
-    head = config.location_head
-    if head.kind == "pointer":
-        return PointerLocationHead(lm_dim, feature_dim, config.image_size, head.hidden, head.depth)
-    return LocationHead(lm_dim, head.hidden, head.depth)
-
-
-def build_from_pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: str | os.PathLike | None = None,
-                                semantic: str | os.PathLike | None = None, lm: str | os.PathLike | None = None,
-                                tokenizer: str | os.PathLike | None = None) -> PixelLLM:
-    """Build a PixelLLM whose SAM branch, semantic tower and LM come from checkpoint directories.
+def pretrained_parts(config: PixelLLMConfig | str = "paper", *, sam: str | os.PathLike | None = None,
+                     semantic: str | os.PathLike | None = None, lm: str | os.PathLike | None = None,
+                     tokenizer: str | os.PathLike | None = None) -> tuple[PixelLLMConfig, dict, object]:
+    """``(config, parts, tokenizer)`` of a PixelLLM whose SAM branch, semantic tower and LM come from
+    checkpoints (local directories or Hugging Face repository ids).
 
     Parts not given are built from ``config`` with random weights. The SAM tower is resized to
     ``config.image_size`` and the semantic tower to ``pixel_scale`` times it (absolute and relative
-    position tables interpolated); the extractor, projections and heads are new. The tokenizer
-    defaults to the LM directory's.
+    position tables interpolated); the extractor and the heads are new. The tokenizer defaults to
+    the LM checkpoint's.
     """
     config = preset(config) if isinstance(config, str) else copy.deepcopy(config)
-    parts = {}
+    models = {}
     if sam is not None:
-        parts["sam"] = load_sam(sam, config.image_size)
-        config.sam = parts["sam"].config.to_diff_dict()
+        models["sam"] = load_sam(sam, config.image_size)
+        config.sam = models["sam"].config.to_diff_dict()
     if semantic is not None:
-        parts["semantic"] = load_vision_tower(semantic, config.image_size * config.pixel_scale)
-        config.semantic = parts["semantic"].config.to_diff_dict()
+        models["semantic"] = load_vision_tower(semantic, config.image_size * config.pixel_scale, config.semantic)
+        config.semantic = models["semantic"].config.to_diff_dict()
     if lm is not None:
-        parts["lm"] = load_language_model(lm)
-        config.lm = parts["lm"].config.to_diff_dict()
+        models["lm"] = load_language_model(lm)
+        config.lm = models["lm"].config.to_diff_dict()
     config = PixelLLMConfig.from_dict(config.to_dict())  # validate the combination
     text = tokenizer or lm
-    loaded_tokenizer = AutoTokenizer.from_pretrained(_checkpoint_dir(text)) if text is not None else None
-    sam_model = parts.get("sam") or new_sam(config)
-    semantic_model = parts.get("semantic") or AutoModel.from_config(hf_config(config.semantic))
-    lm_model = parts.get("lm")
-    if lm_model is None:
-        lm_config = hf_config(config.lm)
-        lm_class = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
-        lm_model = lm_class.from_config(lm_config)
-    return assemble(config, sam_model, semantic_model, lm_model, loaded_tokenizer)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(resolve(text)) if text is not None else None
+    return config, build_parts(config, loaded_tokenizer, **models), loaded_tokenizer
 
 
 def new_sam(config: PixelLLMConfig) -> SamModel:
@@ -188,16 +159,23 @@ def load_sam(path: str | os.PathLike, image_size: int) -> SamModel:
     return target
 
 
-def load_vision_tower(path: str | os.PathLike, image_size: int) -> torch.nn.Module:
-    """A CLIP or SigLIP vision tower (from a full CLIP/SigLIP checkpoint or a vision-only one).
+def load_vision_tower(path: str | os.PathLike, image_size: int, semantic: dict | None = None) -> torch.nn.Module:
+    """A CLIP or SigLIP vision tower (from a full CLIP/SigLIP checkpoint or a vision-only one), or an
+    EVA02 tower in the timm layout (``pixelllm.model.eva02``).
 
     The patch part of the absolute position table is resized bicubically to the new grid (CLIP's
-    class-token entry is kept); SigLIP's pooling head is dropped (PixelLLM uses every token).
+    class-token entry is kept); SigLIP's pooling head is dropped (PixelLLM uses every token). An EVA02
+    tower takes its rope grid and drop path from ``semantic`` (the config's tower, when it is EVA02).
     """
     path = _checkpoint_dir(path)
+    raw = json.loads((path / "config.json").read_text())
+    if str(raw.get("architecture", "")).startswith("eva02_"):
+        own = semantic if (semantic or {}).get("model_type") == "pixelllm_eva02_vision" else {}
+        return load_eva02_tower(path, image_size, rope_ref_grid=own.get("rope_ref_grid"),
+                                drop_path_rate=own.get("drop_path_rate", 0.0))
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in VISION_TOWERS:
-        raise ConfigError(f"{path}: semantic tower must be CLIP or SigLIP, got model_type {model_type!r}")
+        raise ConfigError(f"{path}: semantic tower must be CLIP, SigLIP or EVA02, got model_type {model_type!r}")
     source = VISION_TOWERS[model_type].from_pretrained(path)
     config = copy.deepcopy(source.config)
     old_grid, grid = config.image_size // config.patch_size, image_size // config.patch_size
@@ -222,13 +200,12 @@ def load_language_model(path: str | os.PathLike) -> torch.nn.Module:
     return cls.from_pretrained(path)
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> str:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist (no downloads: give a local directory)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} lacks config.json: not a Hugging Face checkpoint directory")
-    return str(path)
+def _checkpoint_dir(path: str | os.PathLike):
+    """A Hugging Face checkpoint directory: local, or a repository id in the hub's cache."""
+    directory = resolve(path)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} lacks config.json: not a Hugging Face checkpoint directory")
+    return directory
 
 
 def _resize_2d(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,6 +218,12 @@ def _resize_1d(table: torch.Tensor, length: int) -> torch.Tensor:
     """``(L, C)`` -> ``(length, C)``, linear."""
     resized = F.interpolate(table.float().T[None], size=length, mode="linear", align_corners=False)
     return resized[0].T.to(table.dtype)
+
+
+def _add_special_tokens(tokenizer, tokens: list[str]) -> None:
+    missing = [token for token in dict.fromkeys(tokens) if tokenizer is not None and token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
 
 
 def _check_tokenizer(tokenizer, lm_config) -> None:

@@ -7,8 +7,6 @@ pass their own linear projection, and a shared projection + LayerNorm moves them
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import SamMaskDecoderConfig
@@ -16,16 +14,18 @@ from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
 from pixelllm.config import ExtractorConfig
 from pixelllm.model.box_pixels import BoxPixelEncoder
+from pixelllm.model.features import ImageFeatures, Prompts, cell_centers
+from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.two_way import two_way
 
 
 class PromptFeatureExtractor(nn.Module):
     """Image features + location prompt -> ``num_tokens`` visual tokens in the LM's width."""
 
-    def __init__(self, config: ExtractorConfig, feature_dim: int, prompt_dim: int, lm_dim: int):
+    def __init__(self, config: ExtractorConfig, feature_dim: int, prompt_dim: int, lm_dim: int, canvas_size: int):
         super().__init__()
         width = config.width
-        self.config = config
+        self.config, self.canvas_size = config, canvas_size
         self.num_tokens = config.num_tokens
         self.output_tokens = nn.Parameter(torch.randn(config.num_tokens, width))
         self.image_projection = nn.Linear(feature_dim, width)
@@ -47,61 +47,42 @@ class PromptFeatureExtractor(nn.Module):
         self.token_bias = nn.Parameter(torch.empty(config.num_tokens, config.token_dim).uniform_(-bound, bound))
         self.lm_projection = nn.Linear(config.token_dim, lm_dim)
         self.norm = nn.LayerNorm(lm_dim)
-        self.geometry = nn.Linear(4, width) if config.box_geometry else None
         self.box_pixels = (BoxPixelEncoder(config.box_pixels, width, lm_dim, config.box_pixel_dropout)
                            if config.box_pixels else None)
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        image_index: torch.Tensor,
-        prompt_tokens: torch.Tensor,
-        dense_prompt: torch.Tensor,
-        positional_encoding: torch.Tensor,
-        boxes: torch.Tensor,
-        canvas_size: int,
-        pixels: torch.Tensor,
-        whole: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, images: ImageFeatures, prompts: Prompts, prompt_encoder: PromptEncoder) -> torch.Tensor:
         """Extract the visual tokens of each prompt.
 
         Args:
-            features: ``(B, C, G, G)`` image features.
-            image_index: ``(N,)`` image of each prompt.
-            prompt_tokens: ``(N, P, C_prompt)`` sparse prompt embeddings.
-            dense_prompt: ``(C_prompt, G, G)`` dense prompt (SAM's no-mask embedding).
-            positional_encoding: ``(C_prompt, G, G)`` Fourier encoding of the grid.
-            boxes: ``(N, 4)`` the prompts' boxes in canvas pixels (a point: a zero-size box);
-                canvas_size: ``S``. Used by ``box_attention``, ``box_geometry`` and ``box_pixels`` only.
-            pixels: ``(B, 3, kS, kS)`` the canvas images, read by ``box_pixels`` only.
-            whole: ``(N,)`` bool, the prompts on the whole image: with ``box_pixels_on_whole_image``
-                off, their ``box_pixels`` tokens are zeros.
+            images: the encoded images (``features (B, C, G, G)``, and the canvas ``pixels`` for box pixels).
+            prompts: ``N`` location prompts on them.
+            prompt_encoder: the model's SAM prompt encoder (sparse prompt tokens, the dense no-mask
+                prompt and the grid's Fourier encoding).
 
         Returns:
             ``(N, num_tokens, lm_dim)``, with ``box_pixels`` ``(N, num_tokens + 4, lm_dim)``.
         """
-        n, grid = image_index.shape[0], features.shape[-1]
+        features, image_index = images.features, prompts.image_index
+        n, grid, spans = len(prompts), features.shape[-1], prompts.spans
         image = self.image_projection(features.permute(0, 2, 3, 1))  # (B, G, G, W)
-        image = image + self.prompt_projection(dense_prompt.permute(1, 2, 0))
+        image = image + self.prompt_projection(prompt_encoder.no_mask_embedding(grid).permute(1, 2, 0))
         keys = image[image_index].flatten(1, 2)  # (N, G*G, W)
-        position = self.position_projection(positional_encoding.permute(1, 2, 0)).flatten(0, 1)
+        position = self.position_projection(prompt_encoder.dense_positional_encoding(grid).permute(1, 2, 0))
         outputs = self.output_tokens.expand(n, -1, -1)
-        if self.geometry is not None:
-            outputs = outputs + self.geometry(box_geometry(boxes, canvas_size))[:, None]
-        queries = torch.cat([outputs, self.prompt_projection(prompt_tokens)], dim=1)
-        bias = self._box_bias(boxes, grid, canvas_size, queries.shape[1]) if self.config.box_attention else None
-        tokens, _ = two_way(self.transformer, queries, keys, queries, position.expand(n, -1, -1), bias)
+        queries = torch.cat([outputs, self.prompt_projection(prompt_encoder(prompts.boxes, prompts.is_point))], dim=1)
+        bias = self._box_bias(spans, grid, queries.shape[1]) if self.config.box_attention else None
+        tokens, _ = two_way(self.transformer, queries, keys, queries, position.flatten(0, 1).expand(n, -1, -1), bias)
         tokens = tokens[:, : self.num_tokens]  # (N, T, W)
         tokens = torch.einsum("ntw,twd->ntd", tokens, self.token_weight) + self.token_bias
         tokens = self.norm(self.lm_projection(tokens))
         if self.box_pixels is None:
             return tokens
-        box_tokens = self.box_pixels(pixels, image_index, boxes, canvas_size)
-        if whole is not None and not self.config.box_pixels_on_whole_image:
-            box_tokens = box_tokens * ~whole[:, None, None]
+        box_tokens = self.box_pixels(images.pixels, image_index, spans, self.canvas_size)
+        if not self.config.box_pixels_on_whole_image:
+            box_tokens = box_tokens * ~prompts.covers_image(images)[:, None, None]
         return torch.cat([tokens, box_tokens], dim=1)
 
-    def _box_bias(self, boxes: torch.Tensor, grid: int, canvas_size: int, num_queries: int) -> torch.Tensor:
+    def _box_bias(self, boxes: torch.Tensor, grid: int, num_queries: int) -> torch.Tensor:
         """Attention bias ``(N, 1, T + P, G*G)``: 0 where a token may look, -inf elsewhere.
 
         A token sees the grid cells that overlap its region: the prompt box, or with ``token_grid``
@@ -117,26 +98,10 @@ class PromptFeatureExtractor(nn.Module):
             w, h = (x1 - x0) / g, (y1 - y0) / g
             cells = [x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h]
             regions[:, : g * g] = torch.stack(cells, -1)
-        cell = canvas_size / grid
-        centers = (torch.arange(grid, device=boxes.device, dtype=boxes.dtype) + 0.5) * cell
-        half = cell / 2
+        centers = cell_centers(grid, self.canvas_size, boxes.device, boxes.dtype)
+        half = self.canvas_size / grid / 2
         over_x = (centers + half > regions[..., 0:1]) & (centers - half < regions[..., 2:3])  # (N, T+P, G)
         over_y = (centers + half > regions[..., 1:2]) & (centers - half < regions[..., 3:4])
         visible = (over_y[..., :, None] & over_x[..., None, :]).flatten(-2)  # (N, T+P, G*G)
         bias = torch.zeros(visible.shape, dtype=boxes.dtype, device=boxes.device)
         return bias.masked_fill(~visible, float("-inf"))[:, None]
-
-
-def box_geometry(boxes: torch.Tensor, canvas_size: int) -> torch.Tensor:
-    """``(N, 4)`` canvas-pixel boxes -> ``(N, 4)``: log width and log height as fractions of the
-    canvas, each divided by ``log(canvas_size)`` (so -1 for one pixel, 0 for the whole canvas); the
-    log aspect ratio ``log(height / width)`` and its magnitude, both in units of ``log(1.25)`` (so a
-    hexagon's box, 0.87 or 1.15 as tall as wide, reads about -0.6 or 0.6, and 0.6 in magnitude; a
-    circle's 0). Sides under a pixel count as one pixel, so a point prompt (a zero-size box) reads
-    as a one-pixel square."""
-    width = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
-    height = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
-    scale = math.log(canvas_size)
-    aspect = torch.log(height / width) / math.log(1.25)
-    return torch.stack([torch.log(width / canvas_size) / scale, torch.log(height / canvas_size) / scale,
-                        aspect, aspect.abs()], dim=-1)

@@ -6,13 +6,14 @@ from torch import nn
 
 
 class KeepsFrozenInEval(nn.Module):
-    """A part whose submodules named in ``self.frozen`` stay in eval mode (no dropout, no stochastic
-    depth in a frozen tower); the part itself decides which of their weights still get gradients."""
+    """A part whose submodules at the paths in ``self.frozen`` (``"sam"``, ``"heads.mask"``) stay in
+    eval mode (no dropout, no stochastic depth in a frozen tower); the part itself decides which of
+    their weights still get gradients."""
 
     frozen: tuple[str, ...] = ()
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in self.frozen:
-            getattr(self, name).eval()
+        for path in self.frozen:
+            self.get_submodule(path).eval()
         return self

@@ -10,7 +10,9 @@ and whose logits predict target token ``j``: the location of token ``j - 1`` is 
 - **decoder-only**: the sequence is ``[visual tokens ; embedded prompt ; target]``; the prefix is
   right-aligned per row (left padding), so the target starts at the same column in every row.
 
-LoRA (peft) goes on the q and v projections; with ``lora_rank = 0`` the whole LM trains.
+LoRA (peft) goes on the q and v projections, scaled by ``alpha / rank`` (2 by default, as the
+official code); with ``lora_rank = 0`` the whole LM trains. A frozen LM still runs in the model's
+mode: its dropout is active in training, as the official code runs T5 (``enable_dropout=train``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from pixelllm.errors import ConfigError
-from pixelllm.model.frozen import KeepsFrozenInEval
 
 DEFAULT_LORA_TARGETS = {"encoder-decoder": ["q", "v"], "decoder-only": ["q_proj", "v_proj"]}
 
@@ -45,8 +45,12 @@ class DecodeState:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None, targets: list[str]) -> nn.Module:
-    """Inject LoRA adapters into ``targets`` and freeze every other weight of ``model``."""
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, lora_dropout=0.0, bias="none")
+    """Inject LoRA adapters into ``targets`` and freeze every other weight of ``model``; ``alpha``
+    None: twice the rank (scale 2)."""
+    from peft import LoraConfig, inject_adapter_in_model  # only models with LoRA need peft (0.1 s to import)
+
+    alpha = 2 * rank if alpha is None else alpha
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     try:
         model = inject_adapter_in_model(config, model)
     except ValueError as exc:
@@ -56,17 +60,16 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None, targets: list[s
     return model
 
 
-class LanguageModel(KeepsFrozenInEval):
-    """Common part: holds the transformers model, applies LoRA, keeps a frozen LM in eval mode."""
+class LanguageModel(nn.Module):
+    """Common part: holds the transformers model and applies LoRA."""
 
     family: str
 
     def __init__(self, model: PreTrainedModel, lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: list[str] | None = None):
         super().__init__()
-        if lora_rank > 0:  # the LM is frozen but for its LoRA weights (which have no dropout either)
+        if lora_rank > 0:  # the LM is frozen but for its LoRA weights (which have no dropout)
             model = apply_lora(model, lora_rank, lora_alpha, lora_targets or DEFAULT_LORA_TARGETS[self.family])
-            self.frozen = ("model",)
         self.model = model
         config = model.config
         self.hidden_size = config.get_text_config().hidden_size

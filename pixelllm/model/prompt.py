@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pixelllm.model.features import cell_centers
 from pixelllm.model.frozen import KeepsFrozenInEval
 
 NUM_PROMPT_TOKENS = 5  # a box's 2 corner tokens (or a point and SAM's "not a point"), then 3 no-mask pads
@@ -53,7 +54,7 @@ class PromptEncoder(KeepsFrozenInEval):
     def dense_positional_encoding(self, grid: int) -> torch.Tensor:
         """Fourier encoding of every cell center of a ``grid x grid`` map: ``(C, grid, grid)``."""
         table = self.sam.shared_embedding.positional_embedding
-        centers = (torch.arange(grid, device=table.device, dtype=table.dtype) + 0.5) / grid
+        centers = cell_centers(grid, grid, table.device, table.dtype) / grid  # cell centers as fractions of the map
         ys, xs = torch.meshgrid(centers, centers, indexing="ij")
         encoding = self.sam.shared_embedding(torch.stack([xs, ys], dim=-1)[None, None])  # (1, 1, g, g, C)
         return encoding[0, 0].permute(2, 0, 1)

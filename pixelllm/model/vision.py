@@ -13,7 +13,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SEMANTIC_STATS = {"clip_vision_model": (CLIP_MEAN, CLIP_STD), "siglip_vision_model": (SIGLIP_MEAN, SIGLIP_STD),
-                  "pixelllm_small_vit": (IMAGENET_MEAN, IMAGENET_STD)}
+                  "pixelllm_eva02_vision": (CLIP_MEAN, CLIP_STD), "pixelllm_small_vit": (IMAGENET_MEAN, IMAGENET_STD)}
 
 
 def normalize(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -> torch.Tensor:
@@ -24,10 +24,10 @@ def normalize(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, mean, std) -
 
 
 class DualImageEncoder(KeepsFrozenInEval):
-    """SAM ViT (``transformers`` ``SamVisionEncoder``) || a CLIP or SigLIP vision tower.
+    """SAM ViT (``transformers`` ``SamVisionEncoder``) || a CLIP, SigLIP or EVA02 vision tower.
 
-    The semantic tower's final LayerNorm is applied to every token (SigLIP does so itself; CLIP
-    only to its class token, which is dropped). A SigLIP tower must have no pooling head
+    The semantic tower's final LayerNorm is applied to every token (SigLIP and the in-repo towers do
+    so themselves; CLIP only to its class token, which is dropped). A SigLIP tower must have no pooling head
     (``vision_use_head=False``).
 
     Both maps are resized (bicubic) to the larger of the two grids and concatenated on channels:

@@ -110,7 +110,7 @@ def test_reader_skips_bad_annotations(real_data, real_annotations, tmp_path):
         "degenerate box": 1,
         "malformed box": 1,
         "malformed polygon": 1,
-        "image without usable annotations": 1,
+        "image without usable regions": 1,
         "missing field 'width'": 1,
     }
     reader = CocoInstancesReader(instances(tmp_path, [good, bad[0]]), real_data / "coco", include_crowd=True)
@@ -122,7 +122,7 @@ def test_unreadable_instances_files(tmp_path):
     with pytest.raises(DataError, match="broken.json is not valid JSON"):
         list(CocoInstancesReader(tmp_path / "broken.json", tmp_path))
     (tmp_path / "list.json").write_text("[]")
-    with pytest.raises(DataError, match="list.json is not a COCO instances file"):
+    with pytest.raises(DataError, match="list.json is not COCO-style"):
         list(CocoInstancesReader(tmp_path / "list.json", tmp_path))
     with pytest.raises(DataError, match="not found.*absent.json"):
         list(CocoInstancesReader(tmp_path / "absent.json", tmp_path))

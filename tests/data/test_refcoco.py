@@ -228,5 +228,5 @@ def test_mdetr_groups_expressions_by_object(coco, tmp_path):
 
 def test_mdetr_unreadable(tmp_path):
     (tmp_path / "x.json").write_text('{"images": 3}')
-    with pytest.raises(DataError, match="x.json is not an MDETR referring file"):
+    with pytest.raises(DataError, match="MDETR referring JSON .*x.json is not COCO-style"):
         list(MdetrRefReader(tmp_path / "x.json", tmp_path))

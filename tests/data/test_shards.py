@@ -22,9 +22,9 @@ def make_samples(n):
         region = Region((1.0, 2.0, 3.0 + i, 4.0), [f"thing {i}"], [[1, 1, 3, 1, 3, 3]], 5, f"r{i}")
         samples.append(
             Sample(
-                np.full((4, 6, 3), i, np.uint8),
+                np.full((8, 12, 3), i, np.uint8),
                 f"img{i}",
-                (6, 4),
+                (12, 8),
                 "test",
                 narratives=[Narrative(f"caption {i}", [Utterance(f"caption {i}", 0.0, 1.0)], trace)],
                 captions=[f"c{i}"],
@@ -59,7 +59,7 @@ def test_round_trip(tmp_path, real_data):
         ]
     read = list(ShardDataset(tmp_path))
     assert [sample_to_dict(s) for s in read] == [sample_to_dict(s) for s in [*samples, photo]]
-    np.testing.assert_array_equal(np.asarray(load_image(read[3].image)), np.full((4, 6, 3), 3, np.uint8))
+    np.testing.assert_array_equal(np.asarray(load_image(read[3].image)), np.full((8, 12, 3), 3, np.uint8))
     assert read[-1].image == (real_data / "photos" / "rocket.jpg").read_bytes()  # stored unchanged
 
 

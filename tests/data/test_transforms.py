@@ -1,5 +1,7 @@
 """CanvasTransform: hand-worked mappings, and properties (inverse, flip twice, nothing leaves the image)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,21 @@ def test_mask_round_trip_at_integer_scale():
     canvas = t.mask_to_canvas(mask)
     assert canvas.sum() == 2 * 4 and canvas[2:4, 4:6].all()  # each pixel becomes 2 x 2
     np.testing.assert_array_equal(t.mask_to_original(canvas), mask)
+
+
+def test_mask_logits_go_back_bilinearly_and_a_flip_is_undone():
+    """Logits are resized before the threshold: a logit ramp that crosses 0 between two canvas pixels
+    crosses it between original pixels too (half way), where a thresholded mask could only fall
+    on a canvas pixel's edge; a flipped transform flips the mask back."""
+    t = CanvasTransform((8, 4), 8, 0.5)  # 8 x 4 original on a 4 x 2 content area of an 8-px canvas
+    logits = torch.full((8, 8), -50.0)
+    logits[:2, :4] = torch.tensor([-3.0, -1.0, 1.0, 3.0])  # crosses 0 half way between columns 1 and 2
+    out = t.mask_to_original(logits)
+    assert out.shape == (4, 8) and out.dtype == bool
+    assert out[:, :4].sum() == 0 and out[:, 4:].all()
+    flipped = replace(t, flip=True).mask_to_original(logits)
+    np.testing.assert_array_equal(flipped, out[:, ::-1])
+    np.testing.assert_array_equal(t.mask_to_original(logits.numpy()), out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def split(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
     model = tiny_model()
-    model.config.proposal_head.score_threshold = 0.0  # a random model scores every cell low
+    model.heads["proposals"].config.score_threshold = 0.0  # a random model scores every cell low
     return Predictor(model)
 
 

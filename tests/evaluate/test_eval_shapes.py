@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from pixelllm.data.words import Word
 from pixelllm.evaluate.shapes import ColorShapeAccuracy, WordGrounding, mentions
 
@@ -45,3 +47,20 @@ def test_word_grounding_by_hand():
     assert math.isclose(values["word_grounding"], 100 * 3 / 6)
     assert named.compute()["narrative_word_grounding"] == values["word_grounding"]
     assert "word_grounding" not in named.compute()
+
+
+def test_scene_coverage_by_hand():
+    from pixelllm.evaluate.shapes import SceneCoverage
+
+    objects = ["large red circle", "small red circle", "small blue star"]
+    coverage = SceneCoverage()
+    coverage.update("a red circle and a red circle, then a blue star", objects)  # twins: both named
+    coverage.update("a red circle, a green square and a red circle and a red circle", objects)  # one repeat
+    coverage.update("three shapes on a plain background", objects)  # no mention
+    values = coverage.compute()
+    assert values["objects_named"] == pytest.approx(100 * 5 / 9)  # 3 + 2 + 0 of 3 + 3 + 3
+    assert values["mentions_real"] == pytest.approx(100 * 6 / 7)  # the green square is not in the scene
+    assert values["captions_repeating"] == pytest.approx(100 / 3)
+    empty = SceneCoverage()
+    empty.update("nothing at all", objects)
+    assert empty.compute()["mentions_real"] == 0.0 and empty.compute()["objects_named"] == 0.0

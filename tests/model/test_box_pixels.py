@@ -1,18 +1,19 @@
 """The box pixel encoder (``extractor.box_pixels``): where its crops sample, what its tokens see,
-that it learns small shapes, its word loss (``box_pixel_word_loss_weight``), and its config checks."""
+that it learns small shapes, its word loss (the head ``pixel_words``), and its config checks."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from helpers import make_batch, tiny_config, tokenizer
+from helpers import make_batch, tiny_config, tokenizer, with_changes
 from PIL import Image, ImageDraw
 
 from pixelllm.config import PixelLLMConfig
 from pixelllm.errors import ConfigError
-from pixelllm.model import build_model
+from pixelllm.model import PixelLLM, Prompts, build_model
 from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS, BoxPixelEncoder, box_crops
-from pixelllm.model.pixelllm import PixelLLM
-from pixelllm.model.words import box_word_loss
+from pixelllm.model.heads.pixel_words import box_word_loss
 
 
 def _ramp(size: int, scale: int = 1) -> torch.Tensor:
@@ -45,10 +46,8 @@ def test_crops_outside_the_canvas_read_zero():
 
 
 def _box_pixel_config(resolution: int = 16, word_loss_weight: float = 0.0) -> PixelLLMConfig:
-    data = tiny_config().to_dict()
-    data["extractor"]["box_pixels"] = resolution
-    data["box_pixel_word_loss_weight"] = word_loss_weight
-    return PixelLLMConfig.from_dict(data)
+    heads = {"pixel_words": {"weight": word_loss_weight}} if word_loss_weight else {}
+    return with_changes(tiny_config(), extractor={"box_pixels": resolution}, heads=heads)
 
 
 def test_tokens_are_appended_and_read_only_the_crop():
@@ -60,7 +59,7 @@ def test_tokens_are_appended_and_read_only_the_crop():
     box, index, is_point = torch.tensor([[20.0, 20.0, 40.0, 50.0]]), torch.zeros(1, dtype=torch.long), \
         torch.zeros(1, dtype=torch.bool)
     with torch.no_grad():
-        tokens = model.visual_tokens(images, index, box, is_point)
+        tokens = model.visual_tokens(images, Prompts(index, box, is_point))
         assert tokens.shape == (1, model.config.extractor.num_tokens + BOX_PIXEL_TOKENS, model.language.hidden_size)
         changed = images.pixels.clone()
         changed[..., 100:, 100:] = torch.rand(3, size - 100, size - 100)  # far outside the crop
@@ -84,7 +83,8 @@ def test_whole_image_prompts_read_box_pixels_unless_turned_off(on_whole_image):
     images = model.encode_images(torch.rand(1, 3, size, size) * mask, mask)
     boxes = torch.tensor([[0.0, 0.0, size, 120.0], [0.0, 0.0, size, 100.0], [20.0, 20.0, 40.0, 50.0]])
     with torch.no_grad():
-        tokens = model.visual_tokens(images, torch.zeros(3, dtype=torch.long), boxes, torch.zeros(3, dtype=torch.bool))
+        tokens = model.visual_tokens(images, Prompts(torch.zeros(3, dtype=torch.long), boxes,
+                                                     torch.zeros(3, dtype=torch.bool)))
     zero = (tokens[:, -BOX_PIXEL_TOKENS:] == 0).flatten(1).all(1)
     assert zero.tolist() == [not on_whole_image, False, False]
 
@@ -172,23 +172,36 @@ def test_the_model_adds_the_pixel_word_loss_on_captions_of_a_box_and_it_reaches_
         assert out.losses["pixel_words"].item() > 0 and "words" not in out.losses
         # Prompt 1 (a point, no location target) is the batch's one caption of a box.
         assert model(dict(batch, location_weight=torch.ones(3))).losses["pixel_words"].item() == 0
-    head, model.pixel_word_head = model.pixel_word_head, None
+    head = model.heads.pop("pixel_words")
     with torch.no_grad():
         base = model(batch)
     torch.testing.assert_close(out.loss, base.loss + 0.5 * out.losses["pixel_words"])
-    model.pixel_word_head = head
+    model.heads["pixel_words"] = head
     model(batch).losses["pixel_words"].backward()
     assert model.extractor.box_pixels.cnn[0].weight.grad.abs().sum() > 0
     assert model.extractor.box_pixels.projection.weight.grad is None  # it reads the map before the tokens
     assert all(p.grad is None for p in model.language.parameters())
 
 
-@pytest.mark.parametrize("resolution, weight, message", [(16, -1.0, ">= 0"), (0, 0.5, "needs extractor.box_pixels")])
+@pytest.mark.parametrize("resolution, weight, message", [(16, -1.0, ">= 0"), (0, 0.5, "needs box_pixels")])
 def test_the_pixel_word_loss_needs_a_weight_of_zero_or_more_and_box_pixels(resolution, weight, message):
-    data = tiny_config().to_dict()
-    data["extractor"]["box_pixels"], data["box_pixel_word_loss_weight"] = resolution, weight
     with pytest.raises(ConfigError, match=message):
-        PixelLLMConfig.from_dict(data)
+        with_changes(tiny_config(), extractor={"box_pixels": resolution}, heads={"pixel_words": {"weight": weight}})
+
+
+def test_the_word_loss_by_hand():
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = 2.0
+    eos = 1
+    # Prompt 0 has words {3, 4} (4 twice; EOS and padding are not words), prompt 1 only {4}.
+    labels = torch.tensor([[3, 4, 4, 1, -100], [4, 1, -100, -100, -100], [7, 1, -100, -100, -100]])
+    weight = torch.tensor([1.0, 1.0, 0.0])
+    first = math.log(10)  # uniform logits: -log(1/10) for each of its two words
+    second = -(2.0 - math.log(math.exp(2.0) + 9))
+    loss = box_word_loss(logits, labels, weight, eos)
+    assert math.isclose(loss.item(), (first + second) / 2, rel_tol=1e-6)
+    labels[2, 0] = 9  # the gated-off prompt's words change nothing
+    assert math.isclose(box_word_loss(logits, labels, weight, eos).item(), loss.item(), rel_tol=1e-6)
 
 
 def test_dropout_zeroes_whole_prompts_in_training_only():
@@ -221,4 +234,4 @@ def test_box_pixels_must_be_a_multiple_of_four_from_eight(value):
 def test_off_by_default_and_in_the_presets():
     assert tiny_config().extractor.box_pixels == 0
     assert build_model(tiny_config()).extractor.box_pixels is None
-    assert tiny_config().box_pixel_word_loss_weight == 0 and build_model(tiny_config()).pixel_word_head is None
+    assert "pixel_words" not in tiny_config().heads and "pixel_words" not in build_model(tiny_config()).heads

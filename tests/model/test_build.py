@@ -1,6 +1,7 @@
 """Builders: real Hugging Face checkpoint layouts, the paper preset, and clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,19 +86,48 @@ def test_composed_checkpoint_round_trips(checkpoints, tmp_path):
         assert torch.equal(model(batch).logits, loaded(batch).logits)
 
 
-def test_paper_preset_counts():
+@pytest.fixture(scope="module")
+def paper_model():
     with torch.device("meta"):
-        model = build_model(preset("paper"))
+        return build_model(preset("paper"))
+
+
+def test_paper_preset_counts(paper_model):
+    model = paper_model
     sam = sum(p.numel() for p in model.vision.sam.parameters())
     semantic = sum(p.numel() for p in model.vision.semantic.parameters())
     lm = sum(p.numel() for n, p in model.language.named_parameters() if "lora_" not in n)
     assert 0.60e9 < sam < 0.66e9  # SAM ViT-H image encoder
-    assert 0.28e9 < semantic < 0.32e9  # ViT-L/14
+    assert semantic == 303_753_152  # EVA02-L/14 at 384 px (its 27 x 27 + 1 position table)
     assert 2.7e9 < lm < 2.9e9  # Flan-T5-XL
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     # rank 32 on q and v of 24 encoder self-, 24 decoder self- and 24 cross-attention layers, 2048 wide
     assert lora == 3 * 24 * 2 * 32 * (2048 + 2048)
-    assert model.num_parameters(trainable=False) >= sam + lm
+    counts = model.parameter_counts()
+    assert counts["all"][0] - counts["all"][1] >= sam + lm
+    assert list(counts) == ["vision", "prompt_encoder", "extractor", "language", "heads.location", "heads.mask",
+                            "heads.proposals", "all"]
+
+
+def test_the_paper_preset_is_the_official_configuration(paper_model):
+    """LoRA scale 2 (alpha twice the rank), T5 dropout 0.1 active in training though the LM is frozen,
+    and the EVA02-L/14 tower with drop path 0.1 (the scenic pixel_llm T5 configs)."""
+    model = paper_model
+    from peft.tuners.lora import LoraLayer
+
+    scales = {layer.scaling["default"] for layer in model.language.modules() if isinstance(layer, LoraLayer)}
+    assert scales == {2.0}
+    dropouts = [m for m in model.language.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and {m.p for m in dropouts} == {0.1}
+    semantic = model.vision.semantic.config
+    assert (semantic.model_type, semantic.hidden_size, semantic.num_hidden_layers, semantic.num_attention_heads,
+            semantic.patch_size, semantic.intermediate_size, semantic.drop_path_rate) == (
+        "pixelllm_eva02_vision", 1024, 24, 16, 14, 2730, 0.1)
+    assert model.vision.semantic_grid == 27
+    model.train()
+    assert all(m.training for m in dropouts) and not model.vision.sam.training  # SAM stays frozen in eval
+    model.eval()
+    assert not any(m.training for m in dropouts)
 
 
 def test_unknown_preset():
@@ -124,8 +154,8 @@ def test_mismatched_widths():
     data["semantic"]["image_size"] = 320
     assert PixelLLMConfig.from_dict(data).pixel_scale == 2 and preset("tiny").pixel_scale == 1
     data = preset("tiny").to_dict()
-    data["location_head"]["kind"] = "grid"
-    with pytest.raises(ConfigError, match="location_head.kind must be 'mlp' or 'pointer', got 'grid'"):
+    data["heads"]["location"]["kind"] = "grid"
+    with pytest.raises(ConfigError, match="heads.location.kind must be 'mlp' or 'pointer', got 'grid'"):
         PixelLLMConfig.from_dict(data)
     with pytest.raises(ConfigError, match="unknown config field"):
         PixelLLMConfig.from_dict({**preset("tiny").to_dict(), "colour": 1})
@@ -154,15 +184,64 @@ def test_checkpoint_weights_that_do_not_match(tmp_path):
     model = build_model(tiny_config())
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    data["location_head"]["hidden"] = 64
+    data["heads"]["location"]["hidden"] = 64
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
         PixelLLM.from_pretrained(tmp_path)
 
 
 def test_hugging_face_directory_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no downloads"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         build_from_pretrained_parts(tiny_config(), sam=tmp_path / "facebook-sam-vit-huge")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="lacks config.json"):
         build_from_pretrained_parts(tiny_config(), lm=tmp_path / "empty")
+
+
+def _cache_repository(cache, repo: str, files) -> None:
+    """Files in a Hugging Face hub cache (``models--org--name/snapshots/<commit>/`` and ``refs/main``),
+    as ``hf download`` leaves them."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for source in files:
+        (snapshot / source.name).write_bytes(source.read_bytes())
+
+
+def test_repository_ids_resolve_through_the_hugging_face_cache(checkpoints, tmp_path):
+    """``org/name`` finds its snapshot in the hub's cache, offline; a repository not in it is a one-line
+    error. Run in a fresh process, since the hub reads its cache and offline settings at import."""
+    import subprocess
+    import sys
+
+    root, _, _, _ = checkpoints
+    model = build_model(tiny_config(), tokenizer=tokenizer())
+    model.save_pretrained(tmp_path / "pixelllm")
+    cache = tmp_path / "cache"
+    _cache_repository(cache, "someone/pixelllm-tiny", (tmp_path / "pixelllm").iterdir())
+    _cache_repository(cache, "someone/t5-tiny", (root / "t5").iterdir())
+    script = """
+import sys, torch
+from pixelllm.errors import CheckpointError
+from pixelllm.model import PixelLLM, build_from_pretrained_parts
+from helpers import tiny_config
+model = PixelLLM.from_pretrained("someone/pixelllm-tiny")
+reference = PixelLLM.from_pretrained(sys.argv[1])
+assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+built = build_from_pretrained_parts(tiny_config(), lm="someone/t5-tiny")
+assert built.language.model.config.d_model == 64
+try:
+    PixelLLM.from_pretrained("someone/missing")
+except CheckpointError as exc:
+    print(exc)
+"""
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pixelllm")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip().splitlines()[-1]
+    assert "someone/missing is neither a local directory nor a repository in the Hugging Face cache" in message

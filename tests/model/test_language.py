@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_batch, tiny_model
+from helpers import make_batch, prompts_of, tiny_model
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
@@ -12,8 +12,7 @@ def test_cached_steps_equal_teacher_forcing(family):
     labels = batch["labels"]
     with torch.no_grad():
         images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
-        visual = model.visual_tokens(images, batch["prompt_image_index"], batch["prompt_boxes"],
-                                     batch["prompt_is_point"])
+        visual = model.visual_tokens(images, prompts_of(batch))
         hidden, logits = model.language(visual, batch["input_ids"], batch["attention_mask"], labels)
         step_hidden, step_logits, state = model.language.start(visual, batch["input_ids"], batch["attention_mask"])
         hs, ls = [step_hidden], [step_logits]
@@ -33,8 +32,7 @@ def test_select_reorders_rows(family):
     batch = make_batch(model.config)
     with torch.no_grad():
         images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
-        visual = model.visual_tokens(images, batch["prompt_image_index"], batch["prompt_boxes"],
-                                     batch["prompt_is_point"])
+        visual = model.visual_tokens(images, prompts_of(batch))
         _, _, state = model.language.start(visual, batch["input_ids"], batch["attention_mask"])
         token = torch.tensor([5, 6, 7])
         _, expected, _ = model.language.step(state, token)

@@ -1,10 +1,15 @@
-"""Localization heads: the pointer head masks padding cells and learns to point at what the
-hidden state asks for; both heads answer the same call."""
+"""The location head's locators: the pointer masks padding cells and learns to point at what the
+hidden state asks for; both locators answer the same call."""
 
 import torch
 
-from pixelllm.model.heads import LocationHead, PointerLocationHead, box_center
+from pixelllm.model.heads.location import MLPLocator
 from pixelllm.model.losses import cell_cross_entropy, location_l1
+from pixelllm.model.pointer import PointerLocator
+
+
+def box_center(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., :2] + boxes[..., 2:]) / 2
 
 GRID, CANVAS, CHANNELS, DIM = 8, 64, 16, 32
 
@@ -24,7 +29,7 @@ def test_both_heads_answer_the_same_call_with_any_leading_shape():
     features = torch.randn(2, CHANNELS, GRID, GRID)
     valid = torch.tensor([[64.0, 64.0], [64.0, 40.0]])
     index = torch.tensor([1, 0, 1])
-    for head in (LocationHead(DIM, 16, 2), PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)):
+    for head in (MLPLocator(DIM, 16, 2), PointerLocator(DIM, CHANNELS, CANVAS, 16, 2)):
         cells = head.cells(features)
         boxes, _ = head.locate(torch.randn(3, 5, DIM), cells, index, valid[index])
         assert boxes.shape == (3, 5, 4)
@@ -34,7 +39,7 @@ def test_both_heads_answer_the_same_call_with_any_leading_shape():
 
 def test_pointer_never_points_into_the_padding():
     torch.manual_seed(0)
-    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    head = PointerLocator(DIM, CHANNELS, CANVAS, 16, 2)
     features = torch.randn(1, CHANNELS, GRID, GRID)
     valid = torch.tensor([[64.0, 20.0]])  # rows 0-2 (y < 24) overlap the image, rows 3-7 are padding
     _, logits = head.locate(torch.randn(1, 4, DIM), head.cells(features), torch.zeros(1, dtype=torch.long), valid)
@@ -45,7 +50,7 @@ def test_pointer_never_points_into_the_padding():
 def test_pointer_learns_to_point_at_the_marked_cell_on_unseen_maps():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 32, 2)
+    head = PointerLocator(DIM, CHANNELS, CANVAS, 32, 2)
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
     hidden = torch.randn(1, 1, DIM).expand(16, -1, -1)  # one question: "where is the marked cell?"
     mask, weight, valid = torch.ones(16, 1, dtype=torch.bool), torch.ones(16), torch.full((16, 2), float(CANVAS))
@@ -67,7 +72,7 @@ def test_pointer_learns_to_point_at_the_marked_cell_on_unseen_maps():
 
 
 def test_pointer_split_between_two_objects_boxes_one_of_them_not_the_space_between():
-    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    head = PointerLocator(DIM, CHANNELS, CANVAS, 16, 2)
     with torch.no_grad():  # logits = 10 x channel 0 of each cell; the MLP adds no offset
         for layer in (head.position, head.feature, head.key, head.query[1], head.mlp[-1]):
             layer.weight.zero_()
@@ -85,7 +90,7 @@ def test_pointer_split_between_two_objects_boxes_one_of_them_not_the_space_betwe
 
 def test_candidates_are_distinct_peaks_best_first_and_the_first_is_locates_box():
     torch.manual_seed(0)
-    head = PointerLocationHead(DIM, CHANNELS, CANVAS, 16, 2)
+    head = PointerLocator(DIM, CHANNELS, CANVAS, 16, 2)
     features, hidden = torch.randn(2, CHANNELS, GRID, GRID), torch.randn(3, DIM)
     cells, index = head.cells(features), torch.tensor([0, 1, 1])
     valid = torch.tensor([[CANVAS, CANVAS], [CANVAS, CANVAS / 2]]).float()[index]

@@ -64,7 +64,8 @@ def test_task_gates_switch_terms_off():
         out = model(batch)
         mask_terms = 20 * out.losses["mask_focal"] + out.losses["mask_dice"] + out.losses["mask_iou"]
         detection_terms = 0.5 * out.losses["detection_heatmap"] + out.losses["detection_box"]
-        weight, selection = model.config.location_loss_weight, model.config.location_head.selection_weight
+        location = model.config.heads["location"]
+        weight, selection = location["loss_weight"], location["selection_weight"]
         expected = out.losses["text"] + weight * out.losses["location"] + selection * out.losses["selection"] \
             + mask_terms + detection_terms
         assert mask_terms.item() > 0 and math.isclose(out.loss.item(), expected.item(), rel_tol=1e-6)

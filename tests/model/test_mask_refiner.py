@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import with_changes
 
-from pixelllm.config import MaskRefinerConfig, PixelLLMConfig, preset
+from pixelllm.config import PixelLLMConfig, preset
 from pixelllm.errors import ConfigError
 from pixelllm.model.box_pixels import box_squares, paste_squares, square_crops
-from pixelllm.model.mask_refiner import OUTSIDE_LOGIT, MaskRefiner
+from pixelllm.model.heads.mask_refiner import OUTSIDE_LOGIT, MaskRefiner, MaskRefinerConfig
 
 SIZE = 64
 
@@ -86,11 +87,13 @@ def test_the_refiner_learns_the_edges_the_coarse_mask_blurs():
 
 
 def test_the_config_round_trips_and_rejects_impossible_values():
-    tiny = preset("tiny").to_dict()
-    config = PixelLLMConfig.from_dict({**tiny, "mask_refiner": {"resolution": 32}})
-    assert config.mask_refiner == MaskRefinerConfig(resolution=32)
+    tiny = preset("tiny")
+    config = with_changes(tiny, heads={"mask_refiner": {"resolution": 32}})
+    assert config.heads["mask_refiner"] == {"resolution": 32, "margin": 0.25, "width": 32, "dilations": [1, 2, 4, 8, 1]}
     assert PixelLLMConfig.from_dict(config.to_dict()) == config
-    assert PixelLLMConfig.from_dict(tiny).mask_refiner is None
+    assert "mask_refiner" not in tiny.heads
     for bad in ({"resolution": 4}, {"dilations": []}, {"margin": -0.1}, {"width": 12}):
-        with pytest.raises(ConfigError, match="mask_refiner needs"):
-            PixelLLMConfig.from_dict({**tiny, "mask_refiner": bad})
+        with pytest.raises(ConfigError, match="heads.mask_refiner needs"):
+            with_changes(tiny, heads={"mask_refiner": bad})
+    with pytest.raises(ConfigError, match="head 'mask_refiner' needs mask_logits"):
+        with_changes(tiny, heads={"mask": None, "mask_refiner": {}})

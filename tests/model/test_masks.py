@@ -3,10 +3,9 @@
 import math
 
 import torch
-from helpers import make_batch, tiny_model
+from helpers import make_batch, prompts_of, tiny_model
 
-from pixelllm.config import MaskHeadConfig
-from pixelllm.model.masks import MaskAdapter, mask_loss
+from pixelllm.model.heads.masks import MaskAdapter, MaskConfig, mask_loss
 
 
 def test_mask_loss_by_hand():
@@ -31,7 +30,7 @@ def test_mask_loss_by_hand():
 
 def test_adapter_starts_as_plain_sam_and_ignores_padding():
     torch.manual_seed(0)
-    adapter = MaskAdapter(MaskHeadConfig(depth=1, heads=2, mlp_dim=32), lm_dim=24, prompt_dim=16).eval()
+    adapter = MaskAdapter(MaskConfig(depth=1, heads=2, mlp_dim=32), lm_dim=24, prompt_dim=16).eval()
     box_tokens, visual = torch.randn(2, 2, 16), torch.randn(2, 3, 24)
     text, text_mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with torch.no_grad():
@@ -52,10 +51,10 @@ def test_mask_logits_cover_the_canvas():
     batch = make_batch(model.config)
     with torch.no_grad():
         images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
-        visual = model.visual_tokens(images, batch["prompt_image_index"], batch["prompt_boxes"],
-                                     batch["prompt_is_point"])
+        visual = model.visual_tokens(images, prompts_of(batch))
         text = torch.randn(3, 4, model.language.hidden_size)
-        logits, iou = model.mask_logits(images, batch["prompt_image_index"], batch["prompt_boxes"], visual, text,
-                                        torch.ones(3, 4, dtype=torch.bool))
+        masks = model.capability("mask_logits")
+        logits, iou = masks(images, batch["prompt_image_index"], batch["prompt_boxes"], visual, text,
+                            torch.ones(3, 4, dtype=torch.bool))
     size = model.config.image_size
     assert logits.shape == (3, size, size) and iou.shape == (3,)

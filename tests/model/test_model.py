@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from helpers import make_batch, tiny_config, tiny_model, tokenizer
+from helpers import make_batch, prompts_of, tiny_config, tiny_model, tokenizer, with_changes
 
 from pixelllm.config import PixelLLMConfig
-from pixelllm.model.build import build_model
-from pixelllm.model.heads import LocationHead
-from pixelllm.model.pixelllm import PixelLLM
+from pixelllm.model import PixelLLM, build_model
+from pixelllm.model.heads.location import MLPLocator
 from pixelllm.model.vision import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 FAMILIES = ["t5", "llama"]
@@ -18,12 +17,11 @@ def test_output_shapes(family):
     model = tiny_model(family)
     batch = make_batch(model.config)
     out = model(batch)
-    options = {"words", "pixel_words", "rerank", "scene_text", "scene_pointer"}
-    assert set(PixelLLM.LOSS_NAMES) - options == set(out.losses)  # none of the options
+    assert set(model.loss_names) == set(out.losses)  # every term of the tiny preset's heads
     n, length = batch["labels"].shape
     vocab = model.language.vocab_size
     assert out.logits.shape == (n, length, vocab)
-    assert out.token_boxes.shape == (n, length - 1, 4)
+    assert out.outputs["token_boxes"].shape == (n, length - 1, 4)
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
     grid = model.vision.grid
@@ -31,7 +29,7 @@ def test_output_shapes(family):
     # the second image is 3/4 as high as the canvas
     size = model.config.image_size
     assert images.valid_size.tolist() == [[size, size], [size, size * 3 // 4]]
-    visual = model.visual_tokens(images, batch["prompt_image_index"], batch["prompt_boxes"], batch["prompt_is_point"])
+    visual = model.visual_tokens(images, prompts_of(batch))
     assert visual.shape == (n, model.config.extractor.num_tokens, model.language.hidden_size)
 
 
@@ -43,7 +41,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(family):
     # What trains: LoRA q/v, extractor (with its projection), location head, semantic tower, mask adapter,
     # proposal head.
     for name in trainable:
-        trains = ("extractor.", "location_head.", "vision.semantic.", "mask_head.adapter.", "proposal_head.")
+        trains = ("extractor.", "heads.location.", "vision.semantic.", "heads.mask.adapter.", "heads.proposals.")
         assert name.startswith(trains) or "lora_" in name, name
     lora = {name for name in trainable if "lora_" in name}
     q_v = ("q", "v") if family == "t5" else ("q_proj", "v_proj")
@@ -53,10 +51,12 @@ def test_gradients_reach_exactly_the_trainable_parameters(family):
         assert any("EncDecAttention" in n for n in lora)
     assert any(n.startswith("vision.sam.") for n in frozen)
     assert any(n.startswith("prompt_encoder.") for n in frozen)
-    assert any(n.startswith("mask_head.decoder.") for n in frozen)
+    assert any(n.startswith("heads.mask.decoder.") for n in frozen)
     assert any(n.startswith("language.") and "lora_" not in n for n in frozen)
-    # frozen towers run in eval mode even while the model trains
-    assert not model.vision.sam.training and not model.language.model.training and not model.mask_head.decoder.training
+    # frozen towers run in eval mode even while the model trains; the frozen LM runs in train mode, its
+    # dropout active, as the official code runs T5
+    assert not model.vision.sam.training and not model.heads["mask"].decoder.training
+    assert model.language.model.training
     assert model.vision.semantic.training and model.extractor.training
 
     model(make_batch(model.config)).loss.backward()
@@ -73,23 +73,21 @@ def test_location_head_never_changes_the_text():
     batch = make_batch(model.config)
     with torch.no_grad():
         before = model(batch)
-        for p in model.location_head.parameters():
+        for p in model.heads["location"].parameters():
             p.add_(torch.randn_like(p))
         after = model(batch)
     assert torch.equal(before.logits, after.logits)
-    assert not torch.allclose(before.token_boxes, after.token_boxes)
+    assert not torch.allclose(before.outputs["token_boxes"], after.outputs["token_boxes"])
 
 
 def test_the_paper_head_trains_without_a_selection_loss():
-    data = tiny_config().to_dict()
-    data["location_head"]["kind"] = "mlp"
     torch.manual_seed(0)
-    model = build_model(PixelLLMConfig.from_dict(data), tokenizer=tokenizer())
-    assert isinstance(model.location_head, LocationHead)
+    model = build_model(with_changes(tiny_config(), heads={"location": {"kind": "mlp"}}), tokenizer=tokenizer())
+    assert isinstance(model.heads["location"].locator, MLPLocator)
     out = model(make_batch(model.config))
     assert "selection" not in out.losses and out.losses["location"].item() > 0
     out.loss.backward()
-    assert all(p.grad is not None for p in model.location_head.parameters())
+    assert all(p.grad is not None for p in model.heads["location"].parameters())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,7 +95,7 @@ def test_save_load_round_trip(tmp_path, family):
     model = tiny_model(family, frozen=True).eval()
     batch = make_batch(model.config)
     with torch.no_grad():
-        model.location_head.mlp[-1].bias.add_(0.5)  # weights that differ from a fresh init
+        model.heads["location"].locator.mlp[-1].bias.add_(0.5)  # weights that differ from a fresh init
         expected = model(batch)
     model.save_pretrained(tmp_path / "ckpt")
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
@@ -109,7 +107,7 @@ def test_save_load_round_trip(tmp_path, family):
     with torch.no_grad():
         got = loaded(batch)
     assert torch.equal(expected.logits, got.logits)
-    assert torch.equal(expected.token_boxes, got.token_boxes)
+    assert torch.equal(expected.outputs["token_boxes"], got.outputs["token_boxes"])
     assert loaded.tokenizer("a red circle")["input_ids"] == model.tokenizer("a red circle")["input_ids"]
     assert loaded.config.to_dict() == model.config.to_dict()
 
@@ -145,20 +143,31 @@ def test_a_checkpoint_loads_into_a_config_with_a_new_part_and_trains_it_alone(tm
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "ckpt")
-    with_refiner = PixelLLMConfig.from_dict({**model.config.to_dict(), "mask_refiner": {"resolution": 16}})
+    with_refiner = with_changes(model.config, heads={"mask_refiner": {"resolution": 16}})
     grown = PixelLLM.from_pretrained(tmp_path / "ckpt", config=with_refiner)
-    assert grown.mask_refiner is not None
+    assert "mask_refiner" in grown.heads
     own = model.state_dict()
     for name, value in grown.state_dict().items():
-        if not name.startswith("mask_refiner."):
+        if not name.startswith("heads.mask_refiner."):
             assert torch.equal(value, own[name]), name
-    grown.train_only(["mask_refiner"])
+    grown.train_only(["heads.mask_refiner"])
     grown.train()
-    trainable = {name.split(".")[0] for name, p in grown.named_parameters() if p.requires_grad}
-    assert trainable == {"mask_refiner"}
-    assert grown.mask_refiner.training and not grown.extractor.training and not grown.language.training
-    with pytest.raises(ConfigError, match="train_only names no part of the model: mask_refner"):
-        grown.train_only(["mask_refner"])
+    trainable = {".".join(name.split(".")[:2]) for name, p in grown.named_parameters() if p.requires_grad}
+    assert trainable == {"heads.mask_refiner"}
+    assert grown.heads["mask_refiner"].training and not grown.heads["mask"].training
+    assert not grown.extractor.training and not grown.language.training
+    with pytest.raises(ConfigError, match="train_only names no part of the model: heads.mask_refner"):
+        grown.train_only(["heads.mask_refner"])
     grown.save_pretrained(tmp_path / "grown")
-    with pytest.raises(CheckpointError, match="has no place for .* weights, such as mask_refiner"):
+    with pytest.raises(CheckpointError, match="has no place for .* weights, such as heads.mask_refiner"):
         PixelLLM.from_pretrained(tmp_path / "grown", config=model.config)
+
+
+def test_a_deeper_module_can_train_alone():
+    model = tiny_model()
+    model.train_only(["heads.mask.adapter"])
+    model.train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("heads.mask.adapter.") for name in trainable)
+    assert model.heads["mask"].adapter.training and not model.heads["mask"].decoder.training
+    assert set(model.frozen) >= {"vision", "heads.location", "heads.mask.decoder"}

@@ -1,34 +1,29 @@
-"""Proposal head: pyramid geometry, box helpers, NMS, CenterNet targets and losses, matching, learning."""
+"""Proposal head: pyramid geometry, box helpers, NMS, CenterNet targets and losses, learning."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from pixelllm.config import ProposalHeadConfig
 from pixelllm.errors import ConfigError
-from pixelllm.model.proposals import (
-    BOX_LOSS_WEIGHT,
-    HEATMAP_LOSS_WEIGHT,
-    ProposalHead,
-    ProposalOutputs,
-    box_iou,
-    detection_targets,
-    generalized_box_iou,
-    match_proposals,
-    nms,
-)
+from pixelllm.model.boxes import box_iou, generalized_box_iou, nms
+from pixelllm.model.heads import BuildContext
+from pixelllm.model.heads.proposals import ProposalConfig, ProposalHead, ProposalOutputs, detection_targets
 
 
 def make_head(image_size=128, in_channels=16, scales=(1.0, 0.5), top_blocks=0, width=32, seed=0, **kw):
     torch.manual_seed(seed)
-    config = ProposalHeadConfig(width=width, scales=scales, top_blocks=top_blocks, tower_depth=2, **kw)
-    return ProposalHead(config, in_channels, image_size)
+    config = ProposalConfig(width=width, scales=scales, top_blocks=top_blocks, tower_depth=2, **kw)
+    ProposalHead.check(config, None)
+    context = BuildContext(SimpleNamespace(image_size=image_size), lm_dim=0, feature_dim=in_channels, sam_channels=0,
+                           prompt_dim=0, pixel_dim=0, vocab_size=0)
+    return ProposalHead(config, context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +210,7 @@ def test_loss_gating():
                                 out.strides), boxes[:1], mask[:1], torch.ones(1))
     for key in ("heatmap", "box"):
         assert first_only[key].item() == pytest.approx(alone[key].item(), rel=1e-5)
-    assert HEATMAP_LOSS_WEIGHT == 0.5 and BOX_LOSS_WEIGHT == 1.0
+    assert (ProposalConfig().heatmap_weight, ProposalConfig().box_weight) == (0.5, 1.0)
 
 
 def test_focal_loss_by_hand():
@@ -229,40 +224,6 @@ def test_focal_loss_by_hand():
     neg = 0.75 * math.log(2) * 0.5**2 * ((1 - negatives) ** 4).sum().item()
     loss = head.loss(out, box, torch.tensor([[True]]), torch.ones(1))
     assert loss["heatmap"].item() == pytest.approx(pos + neg, rel=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------
-# Matching proposals to ground truth
-
-
-def test_match_proposals_by_hand():
-    gt = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 10, 10]]])
-    gt_mask = torch.tensor([[True, True, False]])  # the third is padding
-    proposals = [torch.tensor([
-        [50.0, 50, 60, 60],  # matches nothing
-        [21, 21, 40, 40],  # IoU 361 / 400 with object 1
-        [0, 0, 10, 4],  # IoU 0.4 with object 0: below 0.6
-        [0, 0, 10, 7],  # IoU 0.7 with object 0
-    ])]
-    matches = match_proposals(proposals, gt, gt_mask, append_gt=False, max_matches=4)
-    assert matches.mask.tolist() == [[True, True, False, False]]
-    assert matches.gt_index[0, :2].tolist() == [1, 0]
-    assert matches.boxes[0, :2].tolist() == [[21, 21, 40, 40], [0, 0, 10, 7]]
-
-    matches = match_proposals(proposals, gt, gt_mask, max_matches=3)  # ground truth appended, capped at 3
-    assert matches.mask.tolist() == [[True, True, True]]
-    assert matches.gt_index.tolist() == [[1, 0, 0]]
-    assert matches.boxes[0, 2].tolist() == [0, 0, 10, 10]
-
-    matches = match_proposals(proposals, gt, gt_mask, iou_threshold=0.95)
-    assert matches.gt_index[matches.mask].tolist() == [0, 1]  # only the appended ground truth
-    assert matches.boxes.shape == (1, 32, 4)
-
-
-def test_match_proposals_without_objects_or_proposals():
-    gt = torch.zeros(2, 1, 4)
-    matches = match_proposals([torch.tensor([[0.0, 0, 5, 5]]), torch.zeros(0, 4)], gt, torch.zeros(2, 1, dtype=bool))
-    assert not matches.mask.any()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +287,7 @@ def test_head_learns_to_propose_rectangles(one_thread):
     for _ in range(STEPS):
         images, boxes, mask = _batch(generator, 8)
         losses = head.loss(head(encoder(images)), boxes, mask, torch.ones(8))
-        loss = HEATMAP_LOSS_WEIGHT * losses["heatmap"] + BOX_LOSS_WEIGHT * losses["box"]
+        loss = 0.5 * losses["heatmap"] + losses["box"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -3,18 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_batch, tiny_config, tokenizer
+from helpers import make_batch, tiny_config, tokenizer, with_changes
 
-from pixelllm.config import PixelLLMConfig, RerankerConfig
+from pixelllm.config import PixelLLMConfig
 from pixelllm.errors import ConfigError
 from pixelllm.model import build_model
-from pixelllm.model.reranker import ReferReranker
+from pixelllm.model.heads import BuildContext
+from pixelllm.model.heads.refer_reranker import ReferReranker, RerankerConfig
 
 
-def _config(**changes) -> PixelLLMConfig:
-    data = tiny_config().to_dict()
-    data["extractor"]["box_pixels"] = 16
-    return PixelLLMConfig.from_dict({**data, "refer_reranker": {"candidates": 3}, **changes})
+def _config(**reranker) -> PixelLLMConfig:
+    return with_changes(tiny_config(), extractor={"box_pixels": 16},
+                        heads={"refer_reranker": {"candidates": 3, **reranker}})
 
 
 def test_a_new_reranker_keeps_the_pointers_box():
@@ -25,10 +25,13 @@ def test_a_new_reranker_keeps_the_pointers_box():
         images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
         hidden = torch.randn(3, model.language.hidden_size)
         index = batch["prompt_image_index"]
-        torch.testing.assert_close(model.refer_boxes(hidden, images, index), model.token_boxes(hidden, images, index))
-        model.refer_reranker.pointer_scale.fill_(-1.0)  # now the pointer's worst candidate wins
-        boxes, _ = model._rerank(hidden, images, index)
-        torch.testing.assert_close(model.refer_boxes(hidden, images, index), boxes[:, -1])
+        refer_boxes = model.capability("refer_boxes")
+        torch.testing.assert_close(refer_boxes(hidden, images, index), model.capability("token_boxes")(hidden, images,
+                                                                                                       index))
+        reranker = model.heads["refer_reranker"]
+        reranker.pointer_scale.fill_(-1.0)  # now the pointer's worst candidate wins
+        boxes, _ = reranker.rerank(model, hidden, images, index)
+        torch.testing.assert_close(refer_boxes(hidden, images, index), boxes[:, -1])
 
 
 def test_it_learns_to_choose_the_candidate_whose_pixels_the_text_names():
@@ -47,7 +50,8 @@ def test_it_learns_to_choose_the_candidate_whose_pixels_the_text_names():
         pointer[torch.arange(n), (named + 1) % 3] = 0.5
         return text, pixels, pointer, named
 
-    reranker = ReferReranker(RerankerConfig(candidates=3, hidden=32), lm_dim=16, pixel_dim=32)
+    context = BuildContext(None, lm_dim=16, feature_dim=0, sam_channels=0, prompt_dim=0, pixel_dim=32, vocab_size=0)
+    reranker = ReferReranker(RerankerConfig(candidates=3, hidden=32), context)
     optimizer = torch.optim.Adam(reranker.parameters(), lr=3e-3)
     for _ in range(300):
         text, pixels, pointer, named = rows(64)
@@ -62,10 +66,13 @@ def test_it_learns_to_choose_the_candidate_whose_pixels_the_text_names():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="refer_reranker needs candidates >= 2"):
-        _config(refer_reranker={"candidates": 1})
-    with pytest.raises(ConfigError, match="needs location_head.kind 'pointer' and extractor.box_pixels"):
-        PixelLLMConfig.from_dict({**tiny_config().to_dict(), "refer_reranker": {}})
+    with pytest.raises(ConfigError, match="heads.refer_reranker needs candidates >= 2"):
+        _config(candidates=1)
+    with pytest.raises(ConfigError, match="head 'refer_reranker' needs box_pixels"):
+        with_changes(tiny_config(), heads={"refer_reranker": {}})
+    mlp = {"location": {"kind": "mlp"}, "refer_reranker": {}}
+    with pytest.raises(ConfigError, match="head 'refer_reranker' needs candidates"):  # the MLP head has no peaks
+        with_changes(tiny_config(), extractor={"box_pixels": 16}, heads=mlp)
 
 
 def test_its_loss_counts_only_prompts_located_at_one_token():

@@ -3,21 +3,26 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_batch, tiny_config, tokenizer
+from helpers import make_batch, tiny_config, tokenizer, with_changes
 
-from pixelllm.config import PixelLLMConfig, SceneCaptionerConfig
+from pixelllm.config import PixelLLMConfig
 from pixelllm.errors import ConfigError
 from pixelllm.generation import generate
-from pixelllm.model import build_model
-from pixelllm.model.pixelllm import PixelLLM
-from pixelllm.model.scene import SceneCaptioner, pointer_targets
+from pixelllm.model import PixelLLM, build_model
+from pixelllm.model.heads import BuildContext
+from pixelllm.model.heads.scene import SceneCaptioner, SceneConfig, pointer_targets
 from pixelllm.tasks import Predictor
 
 
-def _config(scene: bool = True) -> PixelLLMConfig:
-    data = tiny_config().to_dict()
-    data["extractor"]["box_pixels"] = 16
-    return PixelLLMConfig.from_dict({**data, "scene_captioner": {"objects": 4} if scene else None})
+def _config(scene: bool = True, coverage: bool = False) -> PixelLLMConfig:
+    heads = {"scene": {"objects": 4, "coverage": coverage}} if scene else {}
+    return with_changes(tiny_config(), extractor={"box_pixels": 16}, heads=heads)
+
+
+def _captioner(objects: int, hidden: int, lm_dim: int) -> SceneCaptioner:
+    context = BuildContext(None, lm_dim=lm_dim, feature_dim=0, sam_channels=0, prompt_dim=0, pixel_dim=4 * lm_dim,
+                           vocab_size=0)
+    return SceneCaptioner(SceneConfig(objects=objects, hidden=hidden), context)
 
 
 def test_pointer_targets_by_hand():
@@ -35,8 +40,7 @@ def test_pointer_targets_by_hand():
 
 def test_words_are_located_where_reader_and_writer_agree_never_on_padding():
     torch.manual_seed(0)
-    captioner = SceneCaptioner(SceneCaptionerConfig(objects=3, hidden=16), language=None, lm_dim=8,
-                               tokens_per_object=4)
+    captioner = _captioner(objects=3, hidden=16, lm_dim=8)
     boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]])
     objects = captioner.object_tokens(torch.randn(1, 3, 4, 8), boxes, torch.tensor([[0.9, 0.8, 0.0]]), 160,
                                       torch.tensor([120.0]))
@@ -58,8 +62,7 @@ def test_it_learns_to_point_hidden_states_at_the_object_they_describe():
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     looks, words = torch.randn(8, 4, 16, generator=gen), torch.randn(8, 16, generator=gen)
-    captioner = SceneCaptioner(SceneCaptionerConfig(objects=4, hidden=32), language=None, lm_dim=16,
-                               tokens_per_object=4)
+    captioner = _captioner(objects=4, hidden=32, lm_dim=16)
     boxes, scores = torch.zeros(1, 4, 4).expand(64, -1, -1), torch.ones(64, 4)
 
     def rows(n):
@@ -89,9 +92,9 @@ def test_a_new_scene_captioner_starts_from_the_models_lm_and_trains_alone(tmp_pa
     base.save_pretrained(tmp_path)
     model = PixelLLM.from_pretrained(tmp_path, config=_config())
     for ours, copied in zip(model.language.state_dict().values(),
-                            model.scene_captioner.language.state_dict().values(), strict=True):
+                            model.heads["scene"].language.state_dict().values(), strict=True):
         assert torch.equal(ours, copied)
-    model.train_only(["scene_captioner"])
+    model.train_only(["heads.scene"])
     model.train()
     batch = make_batch(model.config)  # a traced caption, a point prompt, an expression with a mask
     batch["prompt_scene"] = torch.tensor([True, False, False])
@@ -99,8 +102,8 @@ def test_a_new_scene_captioner_starts_from_the_models_lm_and_trains_alone(tmp_pa
     assert {"scene_text", "scene_pointer", "text", "location"} <= set(out.losses)
     out.loss.backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert trained and all(name.startswith("scene_captioner.") for name in trained)
-    assert any(name.startswith("scene_captioner.language.") for name in trained)
+    assert trained and all(name.startswith("heads.scene.") for name in trained)
+    assert any(name.startswith("heads.scene.language.") for name in trained)
     # the rest of the model sees the traced caption with zero weight
     zeroed = {**batch, "caption_weight": batch["caption_weight"] * torch.tensor([0.0, 1, 1]),
               "location_weight": batch["location_weight"] * torch.tensor([0.0, 1, 1])}
@@ -116,19 +119,19 @@ def test_whole_image_captions_come_from_it_and_point_at_its_objects():
     predictor = Predictor(model)
     image = predictor.encode((torch.rand(120, 160, 3) * 255).to(torch.uint8).numpy())
     with torch.no_grad():
-        objects = model.scene_objects(image.features, torch.zeros(1, dtype=torch.long))
+        objects = model.heads["scene"].objects(model, image.features, torch.zeros(1, dtype=torch.long))
     canvas_boxes = objects.boxes[0][objects.valid[0]]
     decoded = predictor._generate([(image, image._trace_prompt())], num_beams=2, max_new_tokens=6)
     read = predictor.token_boxes([image], decoded.sequences)[0]  # teacher-forced, in original pixels
     original_boxes = torch.tensor(image.transform.boxes_to_original(canvas_boxes.numpy()), dtype=torch.float32)
-    for box in decoded.boxes[0]:
+    for box in decoded.per_token("token_boxes")[0]:
         assert (box - canvas_boxes).abs().amax(1).min() < 1e-4, box
     for box in torch.tensor(read, dtype=torch.float32):
         assert (box - original_boxes).abs().amax(1).min() < 0.5, box
     caption = image.caption(num_beams=1, max_new_tokens=6)
     region = image.caption(box=[10, 10, 80, 60], max_new_tokens=6)
     with torch.no_grad():
-        for p in model.scene_captioner.language.parameters():
+        for p in model.heads["scene"].language.parameters():
             p.add_(torch.randn_like(p))
     assert image.caption(num_beams=1, max_new_tokens=6).text != caption.text
     assert image.caption(box=[10, 10, 80, 60], max_new_tokens=6).text == region.text
@@ -139,16 +142,18 @@ def test_with_all_heads_it_takes_part_in_a_step_without_whole_image_captions():
     model = build_model(_config(), tokenizer=tokenizer())
     batch = {**make_batch(model.config), "prompt_scene": torch.zeros(3, dtype=torch.bool)}
     model(batch, all_heads=True).loss.backward()  # as FSDP needs: every parameter gets a gradient
-    gradients = [p.grad for p in model.scene_captioner.parameters()]
+    gradients = [p.grad for p in model.heads["scene"].parameters()]
     assert all(g is not None for g in gradients) and all(g.abs().max() == 0 for g in gradients)
 
 
-@pytest.mark.parametrize("beams", [1, 3])
-def test_its_decoding_agrees_cached_uncached_batched_and_alone(beams):
+@pytest.mark.parametrize("beams, coverage", [(1, False), (3, False), (1, True), (3, True)])
+def test_its_decoding_agrees_cached_uncached_batched_and_alone(beams, coverage):
+    """With coverage, the teacher-forced pass sums what the positions before each one said at once,
+    and decoding step by step: the two agree."""
     torch.manual_seed(1)
-    model = build_model(_config(), tokenizer=tokenizer())
+    model = build_model(_config(coverage=coverage), tokenizer=tokenizer())
     batch = {**make_batch(model.config), "prompt_scene": torch.tensor([True, False, False])}
-    optimizer = torch.optim.Adam(model.scene_captioner.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.heads["scene"].parameters(), lr=3e-3)
     for _ in range(12):  # nudged to emit a few real tokens before EOS
         optimizer.zero_grad()
         model(batch).loss.backward()
@@ -161,21 +166,42 @@ def test_its_decoding_agrees_cached_uncached_batched_and_alone(beams):
     def decode(rows, **options):
         return generate(model, images, batch["prompt_image_index"][rows], batch["prompt_boxes"][rows],
                         batch["prompt_is_point"][rows], batch["input_ids"][rows], batch["attention_mask"][rows],
-                        scene=True, num_beams=beams, max_new_tokens=10, length_penalty=3.0, **options)
+                        whole_image=True, num_beams=beams, max_new_tokens=10, length_penalty=3.0, **options)
 
     cached, uncached = decode(rows), decode(rows, use_cache=False)
     assert cached.sequences == uncached.sequences and any(len(s) > 1 for s in cached.sequences)
     for row in range(2):
-        torch.testing.assert_close(cached.boxes[row], uncached.boxes[row], atol=1e-4, rtol=1e-4)
+        boxes = cached.reads["token_boxes"]
+        torch.testing.assert_close(boxes[row], uncached.reads["token_boxes"][row], atol=1e-4, rtol=1e-4)
         alone = decode(rows[row : row + 1])
         assert alone.sequences[0] == cached.sequences[row]
-        torch.testing.assert_close(alone.boxes[0], cached.boxes[row], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(alone.reads["token_boxes"][0], boxes[row], atol=1e-4, rtol=1e-4)
 
 
 def test_config_errors():
-    data = tiny_config().to_dict()
-    with pytest.raises(ConfigError, match="scene_captioner needs objects >= 1, hidden >= 1 and extractor.box_pixels"):
-        PixelLLMConfig.from_dict({**data, "scene_captioner": {}})
-    data["extractor"]["box_pixels"] = 16
-    with pytest.raises(ConfigError, match="scene_captioner needs objects >= 1"):
-        PixelLLMConfig.from_dict({**data, "scene_captioner": {"objects": 0}})
+    with pytest.raises(ConfigError, match="head 'scene' needs box_pixels"):
+        with_changes(tiny_config(), heads={"scene": {}})
+    with pytest.raises(ConfigError, match="heads.scene needs objects >= 1"):
+        with_changes(tiny_config(), extractor={"box_pixels": 16}, heads={"scene": {"objects": 0}})
+    with pytest.raises(ConfigError, match="head 'scene' needs propose"):
+        with_changes(tiny_config(), extractor={"box_pixels": 16}, heads={"proposals": None, "scene": {}})
+
+
+def test_a_captioner_given_coverage_starts_as_one_without_it_and_learns_which_words_are_about_objects(tmp_path):
+    torch.manual_seed(0)
+    plain = build_model(_config(), tokenizer=tokenizer()).eval()
+    plain.save_pretrained(tmp_path)
+    covered = PixelLLM.from_pretrained(tmp_path, config=_config(coverage=True))
+    batch = {**make_batch(plain.config), "prompt_scene": torch.tensor([True, False, False])}
+    with torch.no_grad():
+        a, b = plain(batch), covered(batch)
+    torch.testing.assert_close(a.losses["scene_text"], b.losses["scene_text"])
+    torch.testing.assert_close(a.losses["scene_pointer"], b.losses["scene_pointer"])
+    assert b.losses["scene_about"] > 0 and "scene_about" not in a.losses
+    covered.train_only(["heads.scene"])
+    optimizer = torch.optim.Adam([p for p in covered.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        covered(batch).losses["scene_about"].backward()
+        optimizer.step()
+    assert covered(batch).losses["scene_about"] < 0.5 * b.losses["scene_about"]

@@ -1,12 +1,21 @@
-"""Referring segmentation: SAM's mask decoder prompted with the predicted box, plus the mask adapter.
+"""The mask head (referring segmentation): SAM's mask decoder prompted with the expression's box,
+steered by the official mask adapter.
 
-The adapter (from the official code) lets the prompt's visual tokens and the text's hidden states
-steer SAM: learned tokens attend to them through a small two-way transformer, and the result,
-gated by ``tanh(alpha)`` (alpha starts at 0, so training starts from plain SAM), is added to SAM's
-two box-corner tokens.
+The adapter lets the prompt's visual tokens and the text's hidden states steer SAM: learned tokens
+attend to them through a small two-way transformer, and the result, gated by ``tanh(alpha)``
+(alpha starts at 0, so training starts from plain SAM), is added to SAM's two box-corner tokens.
+The decoder is SAM's (its weights come with the SAM checkpoint), frozen with the rest of SAM.
+
+Loss (SAM's, as the official refseg stage): ``focal_weight`` x focal + ``dice_weight`` x dice +
+``iou_weight`` x the IoU prediction's squared error, on the masks the model gives (``mask_logits``:
+this head's, or a later head's that refines them), prompted in training with the box at the last
+word of the teacher-forced expression: the location head's (``prompt_box: predicted``, official) or
+the target's (``target``, which lets a model trained from scratch learn masks before its boxes are good).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,18 +23,30 @@ from torch import nn
 from transformers import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamTwoWayTransformer
 
-from pixelllm.config import MaskHeadConfig
+from pixelllm.errors import ConfigError
+from pixelllm.model.features import ImageFeatures
 from pixelllm.model.frozen import KeepsFrozenInEval
+from pixelllm.model.heads.base import BuildContext, Head, HeadLosses, TrainingPass
 from pixelllm.model.prompt import PromptEncoder
 from pixelllm.model.two_way import two_way
 
-FOCAL_WEIGHT, DICE_WEIGHT, IOU_WEIGHT = 20.0, 1.0, 1.0  # SAM's mask loss, as the official refseg stage
+
+@dataclass
+class MaskConfig:
+    num_tokens: int = 2  # one per SAM box-corner token it is added to
+    depth: int = 2
+    heads: int = 8
+    mlp_dim: int = 2048
+    prompt_box: str = "predicted"  # the box that prompts the decoder in training: "predicted" or "target"
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
 
 
 class MaskAdapter(nn.Module):
     """Learned tokens x [visual tokens ; text states] -> a gated offset for SAM's box tokens."""
 
-    def __init__(self, config: MaskHeadConfig, lm_dim: int, prompt_dim: int):
+    def __init__(self, config: MaskConfig, lm_dim: int, prompt_dim: int):
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(config.num_tokens, prompt_dim))
         self.visual_projection = nn.Sequential(nn.LayerNorm(lm_dim, eps=1e-6), nn.Linear(lm_dim, prompt_dim))
@@ -61,16 +82,30 @@ class MaskAdapter(nn.Module):
         return box_tokens + torch.tanh(self.gate) * out
 
 
-class MaskHead(KeepsFrozenInEval):
+class MaskHead(Head, KeepsFrozenInEval):
     """SAM mask decoder (``transformers``' ``SamMaskDecoder``) + ``MaskAdapter``: one mask per prompt."""
 
-    def __init__(self, sam_mask_decoder: nn.Module, adapter: MaskAdapter, frozen: bool = True):
-        super().__init__()
-        self.decoder = sam_mask_decoder
-        self.adapter = adapter
-        if frozen:
+    name = "mask"
+    Config = MaskConfig
+    loss_names = ("mask_focal", "mask_dice", "mask_iou")
+    provides = ("mask_logits",)
+
+    def __init__(self, config: MaskConfig, context: BuildContext):
+        super().__init__(config, context)
+        self.decoder = context.sam.mask_decoder
+        self.adapter = MaskAdapter(config, context.lm_dim, context.prompt_dim)
+        if context.config.freeze_sam:
             self.decoder.requires_grad_(False)
             self.frozen = ("decoder",)
+
+    @classmethod
+    def check(cls, config: MaskConfig, model_config) -> None:
+        if config.prompt_box not in ("predicted", "target"):
+            raise ConfigError(f"heads.mask.prompt_box must be 'predicted' or 'target', got {config.prompt_box!r}")
+
+    @classmethod
+    def required(cls, config: MaskConfig) -> tuple[str, ...]:
+        return ("token_boxes",) if config.prompt_box == "predicted" else ()
 
     def forward(self, prompt_encoder: PromptEncoder, sam_embeddings: torch.Tensor, boxes: torch.Tensor,
                 visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
@@ -94,6 +129,48 @@ class MaskHead(KeepsFrozenInEval):
             sparse_prompt_embeddings=sparse[:, None], dense_prompt_embeddings=dense, multimask_output=False,
         )
         return masks[:, 0, 0], iou[:, 0, 0]
+
+    def mask_logits(self, model, images: ImageFeatures, image_index: torch.Tensor, boxes: torch.Tensor,
+                    visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """Canvas-size mask logits ``(N, S, S)`` and predicted IoU ``(N,)`` for ``N`` boxes.
+
+        Args:
+            images: the encoded images; image_index: ``(N,)`` the image of each box.
+            boxes: ``(N, 4)`` canvas pixels (the box at the expression's last word).
+            visual: ``(N, V, D)`` the prompts' visual tokens. text: ``(N, L, D)`` the LM's hidden
+            states whose inputs are the expression's tokens; text_mask: ``(N, L)`` bool.
+        """
+        low_res, iou = self(model.prompt_encoder, images.sam_embeddings[image_index], boxes, visual, text, text_mask)
+        return upsample_masks(low_res, model.config.image_size), iou
+
+    def losses(self, model, step: TrainingPass, all_heads: bool) -> HeadLosses | None:
+        """The mask loss of the prompts that have a mask target; without any, one prompt passes with
+        zero weight (for ``all_heads``)."""
+        batch = step.batch
+        weight = batch.get("mask_weight", torch.zeros(len(batch["labels"]), device=step.hidden.device))
+        has_masks = "gt_masks" in batch and bool((weight > 0).any())
+        if not (has_masks or all_heads):
+            return None
+        rows = (weight > 0).nonzero()[:, 0]
+        if len(rows) == 0:
+            rows = rows.new_zeros(1)
+        labels = batch["labels"][rows]
+        last_word = (labels >= 0).sum(1) - 2  # the token just before EOS
+        if self.config.prompt_box == "target":
+            boxes = batch["label_boxes"][rows, last_word]
+        else:
+            boxes = step.outputs["token_boxes"][rows, last_word].detach()
+        inputs = labels[:, :-1]
+        text_mask = (inputs >= 0) & (inputs != model.language.eos_token_id)
+        index = step.prompts.image_index[rows]
+        logits, iou = model.capability("mask_logits")(step.images, index, boxes, step.visual[rows],
+                                                      step.hidden[rows, 1:], text_mask)
+        valid = batch["pixel_mask"][index]
+        targets = batch["gt_masks"][rows] if "gt_masks" in batch else torch.zeros_like(valid)
+        terms = mask_loss(logits, iou, targets, valid, weight[rows])
+        total = (self.config.focal_weight * terms["focal"] + self.config.dice_weight * terms["dice"]
+                 + self.config.iou_weight * terms["iou"])
+        return HeadLosses(total, {f"mask_{name}": value for name, value in terms.items()} if has_masks else {})
 
 
 def upsample_masks(logits: torch.Tensor, size: int) -> torch.Tensor:

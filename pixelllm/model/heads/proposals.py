@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelllm.config import ProposalHeadConfig
 from pixelllm.errors import ConfigError
+from pixelllm.model.boxes import box_area, clip_boxes, generalized_box_iou, nms
+from pixelllm.model.features import ImageFeatures
+from pixelllm.model.heads.base import BuildContext, Head, HeadLosses, TrainingPass
 
-HEATMAP_LOSS_WEIGHT = 0.5
-BOX_LOSS_WEIGHT = 1.0
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 FOCAL_BETA = 4.0
@@ -41,70 +41,21 @@ SUPPORTED_SCALES = (4.0, 2.0, 1.0, 0.5)
 _EPS = 1e-6
 
 
-# ----------------------------------------------------------------------------------------------
-# Boxes
+@dataclass
+class ProposalConfig:
+    width: int = 256
+    scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # pyramid levels, relative to the fused feature map
+    top_blocks: int = 2  # extra stride-2 levels above the coarsest scale (ViTDet's p6, p7)
+    tower_depth: int = 4  # conv + GroupNorm + ReLU layers shared by the heatmap and box outputs
+    pre_nms_topk: int = 1000  # highest-scoring cells over all levels that enter NMS
+    max_proposals: int = 100
+    nms_iou: float = 0.5
+    score_threshold: float = 0.05
+    heatmap_weight: float = 0.5  # x CenterNet's heatmap focal loss
+    box_weight: float = 1.0  # x 1 - GIoU
 
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """``(..., 4)`` boxes -> ``(...)`` areas (0 for empty boxes)."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
-def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersection and union areas of boxes that broadcast against each other."""
-    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter, box_area(a) + box_area(b) - inter
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU: ``(N, 4)`` and ``(M, 4)`` -> ``(N, M)``."""
-    return elementwise_box_iou(a[:, None], b[None])
-
-
-def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Element-wise IoU of broadcastable ``(..., 4)`` boxes."""
-    inter, union = _intersection_union(a, b)
-    return inter / (union + _EPS)
-
-
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Element-wise GIoU of ``(..., 4)`` boxes: IoU minus the enclosing box's share not in the union."""
-    inter, union = _intersection_union(a, b)
-    enclosing = box_area(torch.cat([torch.minimum(a[..., :2], b[..., :2]), torch.maximum(a[..., 2:], b[..., 2:])], -1))
-    return inter / (union + _EPS) - (enclosing - union) / (enclosing + _EPS)
-
-
-def clip_boxes(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """Clip ``(N, 4)`` boxes to the image ``(0, 0, width, height)``; ``size (2,)`` is ``(width, height)``."""
-    upper = size.to(boxes).repeat(2)
-    return torch.minimum(boxes.clamp(min=0), upper)
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy class-agnostic non-maximum suppression, without torchvision.
-
-    A box is kept unless a kept box with a higher score (ties: the lower index) overlaps it with
-    IoU > ``iou_threshold``. Instead of one box at a time, every pass re-decides all boxes against
-    the current set of kept ones: after pass ``t`` the first ``t`` boxes in score order are final
-    (each depends only on those before it), so the loop reaches the greedy answer, in practice in a
-    few passes of one ``(K, K)`` operation each.
-
-    Args:
-        boxes: ``(K, 4)``. scores: ``(K,)``.
-
-    Returns:
-        ``(K',)`` long indices of the kept boxes, by decreasing score.
-    """
-    order = torch.sort(scores, descending=True, stable=True).indices
-    suppresses = (box_iou(boxes[order], boxes[order]) > iou_threshold).triu(diagonal=1)
-    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
-    for _ in range(len(order)):
-        updated = ~(suppresses & keep[:, None]).any(0)
-        if torch.equal(updated, keep):
-            break
-        keep = updated
-    return order[keep]
+    def __post_init__(self):
+        self.scales = tuple(float(scale) for scale in self.scales)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +86,7 @@ def _pyramid_level(scale: float, in_channels: int, width: int) -> nn.Sequential:
     elif scale == 0.5:
         resample, channels = [nn.MaxPool2d(2)], in_channels
     else:
-        raise ConfigError(f"proposal_head.scales: {scale} is not one of {SUPPORTED_SCALES}")
+        raise ConfigError(f"heads.proposals.scales: {scale} is not one of {SUPPORTED_SCALES}")
     return nn.Sequential(
         *resample,
         nn.Conv2d(channels, width, 1, bias=False), LayerNorm2d(width),
@@ -259,39 +210,55 @@ class DetectionTargets:
     box_mask: torch.Tensor
 
 
-@dataclass
-class ProposalMatches:
-    """Proposals paired with the ground truth they caption (``match_proposals``).
+class ProposalHead(Head):
+    """Simple Feature Pyramid + class-agnostic CenterNet head on the fused image map ``(B, C, G, G)``
+    of stride ``S / G`` (``S`` the canvas side); the proposals of dense captioning (``propose``).
+    Loss: ``heatmap_weight`` x the heatmap focal loss + ``box_weight`` x (1 - GIoU)."""
 
-    ``boxes (B, K, 4)``: prompt boxes, canvas pixels. ``gt_index (B, K)``: the ground-truth object
-    (index into ``gt_boxes``) each box captions. ``mask (B, K)``: True for real pairs; padding
-    elsewhere (boxes 0, index 0).
-    """
+    name = "proposals"
+    Config = ProposalConfig
+    loss_names = ("detection_heatmap", "detection_box")
+    provides = ("propose",)
 
-    boxes: torch.Tensor
-    gt_index: torch.Tensor
-    mask: torch.Tensor
+    def __init__(self, config: ProposalConfig, context: BuildContext):
+        super().__init__(config, context)
+        self.image_size = context.config.image_size
+        self.pyramid = SimpleFeaturePyramid(context.feature_dim, config.width, config.scales, config.top_blocks)
+        self.head = CenterNetHead(config.width, config.tower_depth, len(config.scales) + config.top_blocks)
 
-
-class ProposalHead(nn.Module):
-    """Simple Feature Pyramid + class-agnostic CenterNet head on the fused image map.
-
-    Args:
-        config: ``ProposalHeadConfig``. in_channels: ``C`` of the fused map.
-        image_size: the canvas side ``S``; the fused ``G x G`` map has stride ``S / G``.
-    """
-
-    def __init__(self, config: ProposalHeadConfig, in_channels: int, image_size: int):
-        super().__init__()
+    @classmethod
+    def check(cls, config: ProposalConfig, model_config) -> None:
         if not config.scales or config.top_blocks < 0 or config.tower_depth < 0:
             raise ConfigError(
-                f"proposal_head needs scales, top_blocks >= 0 and tower_depth >= 0; got scales {config.scales}, "
+                f"heads.proposals needs scales, top_blocks >= 0 and tower_depth >= 0; got scales {config.scales}, "
                 f"top_blocks {config.top_blocks}, tower_depth {config.tower_depth}"
             )
-        self.config = config
-        self.image_size = image_size
-        self.pyramid = SimpleFeaturePyramid(in_channels, config.width, config.scales, config.top_blocks)
-        self.head = CenterNetHead(config.width, config.tower_depth, len(config.scales) + config.top_blocks)
+        unsupported = [scale for scale in config.scales if scale not in SUPPORTED_SCALES]
+        if unsupported:
+            raise ConfigError(f"heads.proposals.scales: {unsupported[0]} is not one of {SUPPORTED_SCALES}")
+
+    def propose(self, model, images: ImageFeatures, max_proposals: int | None = None,
+                score_threshold: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Class-agnostic proposals per image: ``(boxes (K, 4) canvas pixels, scores (K,))``, best
+        first; ``max_proposals`` and ``score_threshold`` override the config."""
+        return self.proposals(self(images.features), images.valid_size, max_proposals=max_proposals,
+                              score_threshold=score_threshold)
+
+    def losses(self, model, step: TrainingPass, all_heads: bool) -> HeadLosses | None:
+        batch = step.batch
+        has_boxes = "gt_boxes" in batch and bool((batch["detection_weight"] > 0).any())
+        if not (has_boxes or all_heads):
+            return None
+        features = step.images.features
+        if has_boxes:
+            targets = (batch["gt_boxes"], batch["gt_boxes_mask"], batch["detection_weight"])
+        else:  # every parameter takes part, with zero weight
+            b = features.shape[0]
+            targets = (features.new_zeros(b, 1, 4), torch.zeros(b, 1, dtype=torch.bool, device=features.device),
+                       features.new_zeros(b))
+        terms = self.loss(self(features), *targets)
+        total = self.config.heatmap_weight * terms["heatmap"] + self.config.box_weight * terms["box"]
+        return HeadLosses(total, {f"detection_{name}": value for name, value in terms.items()} if has_boxes else {})
 
     def forward(self, features: torch.Tensor) -> ProposalOutputs:
         """``features (B, C, G, G)`` (``ImageFeatures.features``) -> dense ``ProposalOutputs``."""
@@ -309,7 +276,7 @@ class ProposalHead(nn.Module):
 
     def loss(self, outputs: ProposalOutputs, gt_boxes: torch.Tensor, gt_mask: torch.Tensor,
              weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """CenterNet losses, before the ``HEATMAP_LOSS_WEIGHT`` / ``BOX_LOSS_WEIGHT`` the caller applies.
+        """CenterNet losses, unweighted.
 
         ``"heatmap"``: penalty-reduced focal loss (alpha, gamma, beta as the module constants) over
         all cells, normalized by the number of center cells. ``"box"``: 1 - GIoU at the regression
@@ -470,43 +437,3 @@ def _gated_mean(sums: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) 
     With all weights 1 this is the official mean of the sums over the mean of the counts.
     """
     return (weight * sums).sum() / (weight * counts.clamp(min=1)).sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Caption training
-
-
-def match_proposals(proposal_boxes: Sequence[torch.Tensor], gt_boxes: torch.Tensor, gt_mask: torch.Tensor,
-                    iou_threshold: float = 0.6, max_matches: int = 32, append_gt: bool = True) -> ProposalMatches:
-    """Which proposals caption which ground-truth object, for caption training.
-
-    Each candidate takes its highest-IoU object and is kept if that IoU is >= ``iou_threshold``;
-    the first ``max_matches`` kept candidates, in the given order (proposals by decreasing score),
-    are the prompts. As the official ROI stage, the ground-truth boxes themselves are appended as
-    candidates after the proposals (``append_gt``), so captions train from the first step on.
-
-    Args:
-        proposal_boxes: per image ``(K_b, 4)`` canvas pixels (``ProposalHead.proposals``' boxes).
-        gt_boxes: ``(B, M, 4)`` canvas pixels. gt_mask: ``(B, M)`` True for real objects.
-
-    Returns:
-        ``ProposalMatches`` with ``K = max_matches``.
-    """
-    batch = gt_boxes.shape[0]
-    device = gt_boxes.device
-    boxes = torch.zeros(batch, max_matches, 4, device=device, dtype=gt_boxes.dtype)
-    gt_index = torch.zeros(batch, max_matches, dtype=torch.long, device=device)
-    mask = torch.zeros(batch, max_matches, dtype=torch.bool, device=device)
-    for b, proposals in enumerate(proposal_boxes):
-        candidates = proposals.to(gt_boxes)
-        if append_gt:
-            candidates = torch.cat([candidates, gt_boxes[b][gt_mask[b]]])
-        if not gt_mask[b].any() or len(candidates) == 0:
-            continue
-        iou = box_iou(candidates, gt_boxes[b]).masked_fill(~gt_mask[b], -1)
-        best_iou, best = iou.max(1)
-        chosen = (best_iou >= iou_threshold).nonzero()[:max_matches, 0]
-        boxes[b, : len(chosen)] = candidates[chosen]
-        gt_index[b, : len(chosen)] = best[chosen]
-        mask[b, : len(chosen)] = True
-    return ProposalMatches(boxes, gt_index, mask)

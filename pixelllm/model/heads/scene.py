@@ -1,9 +1,10 @@
-"""Scene captioner: whole-image captions written from the detected objects, each word pointing at one.
+"""The scene captioner: whole-image captions written from the detected objects, each word pointing at one.
 
-Not in the official design (``PixelLLMConfig.scene_captioner``). On the shapes world the model
+Not in the official design (the head ``scene``, after the proposal head; needs the extractor's box
+pixels). On the shapes world the model
 names an object's color and shape when a prompt gives it the object's box (region captions), but
 from the whole image's 16 tokens its traced captions named objects that are not in the scene, and
-their words pointed into the object they name 7 % of the time (docs/model_card.md). The scene
+their words pointed into the object they name 7 % of the time. The scene
 captioner gives whole-image captions what region captions have, once per object:
 
 - **objects**: the proposal head's ``objects`` best boxes of the image, however low their score
@@ -18,31 +19,80 @@ captioner gives whole-image captions what region captions have, once per object:
   one object: with the LM's cross-attention alone, the captions mixed one object's color with
   another's shape;
 - **words located on their object**: a word's box is the box of the object that best matches both
-  the state that read the word (a second match, the reader's) and the attention that wrote it.
+  the state that read the word (a second match, the reader's) and the attention that wrote it;
+- **coverage** (``coverage``): the writer knows how much it has said of each object so far, as
+  See et al.'s pointer-generator keeps a coverage vector: the running sum of its attention at the
+  states that write a word about an object (a gate that learns which, from the words located on
+  an object in training: loss ``scene_about``). A gate read from the state shifts the attention by
+  ``log(1 + coverage)``, and the next word's logits also read how much of the scene is still
+  unsaid (each object weighted by a learned presence, since a proposal may be no object), so that a
+  caption can move on to the objects it has not named and end when none is left. The parts that
+  steer start at zero: a captioner given coverage starts as one without it.
+
+In training it claims the whole-image captions (``prompt_scene``): its losses are its LM's
+label-smoothed cross-entropy (``scene_text``) plus the cross-entropy of its object logits (the
+reader's match plus the writer's attention) toward the best-detected object whose box holds the
+center of each located token's target box (``scene_pointer``; tokens on no object are left out),
+and the rest of the model sees those prompts with zero weight. In inference it answers whole-image
+caption prompts (``language_inputs`` with ``scene``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelllm.config import SceneCaptionerConfig
-from pixelllm.model.language import LanguageModel
+from pixelllm.errors import ConfigError
+from pixelllm.model.box_pixels import BOX_PIXEL_TOKENS
+from pixelllm.model.decoding import NEG_INF, DecodeHook, LanguageInputs
+from pixelllm.model.features import ImageFeatures, Prompts
+from pixelllm.model.heads.base import BuildContext, Head, HeadLosses
+from pixelllm.model.losses import smoothed_cross_entropy
 
-NEG_INF = -1.0e9
+
+@dataclass
+class SceneConfig:
+    objects: int = 8
+    hidden: int = 128  # width of the matches between the LM's states and the objects
+    coverage: bool = False  # the writer reads how much it said of each object before (module docstring)
+    text_weight: float = 1.0
+    pointer_weight: float = 1.0
+    about_weight: float = 1.0  # with coverage: the gate of the states that write about an object
 
 
-class SceneCaptioner(nn.Module):
+@dataclass
+class SceneObjects:
+    """The objects of ``N`` prompts: ``boxes (N, K, 4)`` canvas pixels, their detection ``scores
+    (N, K)`` (0: padding), ``tokens (N, K, T, D)`` (all zeros for padding)."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """``(N, K)`` bool: False for padding."""
+        return self.scores > 0
+
+
+class SceneCaptioner(Head):
     """Object tokens, an LM and a word-to-object pointer for whole-image captions; see the module
     docstring."""
 
-    def __init__(self, config: SceneCaptionerConfig, language: LanguageModel, lm_dim: int, tokens_per_object: int):
-        super().__init__()
-        self.config = config
-        self.language = language
+    name = "scene"
+    Config = SceneConfig
+    loss_names = ("scene_text", "scene_pointer", "scene_about")
+    requires = ("propose", "box_pixels")
+
+    def __init__(self, config: SceneConfig, context: BuildContext):
+        super().__init__(config, context)
+        lm_dim, tokens_per_object = context.lm_dim, BOX_PIXEL_TOKENS
+        self.language = copy.deepcopy(context.language)
         self.placement = nn.Linear(6, lm_dim)
         object_dim = tokens_per_object * lm_dim  # an object's tokens side by side: the 2 x 2 map keeps its layout
         # two queries: the state that reads a word already writes the next one, often about another object
@@ -52,6 +102,85 @@ class SceneCaptioner(nn.Module):
         self.fuse = nn.Linear(object_dim, lm_dim)
         nn.init.zeros_(self.fuse.weight)
         nn.init.zeros_(self.fuse.bias)
+        if config.coverage:
+            self.about = nn.Linear(lm_dim, 1)  # does this state write a word about an object
+            self.coverage_gate = nn.Linear(lm_dim, 1)  # per state: how much coverage steers the attention
+            self.presence = nn.Linear(object_dim, 1)  # how much an object counts (a proposal may be none)
+            self.unsaid = nn.Linear(2, lm_dim)  # how much of the scene is left, into the next word's logits
+            for layer in (self.coverage_gate, self.presence, self.unsaid):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def check(cls, config: SceneConfig, model_config) -> None:
+        if config.objects < 1 or config.hidden < 1:
+            raise ConfigError(f"heads.scene needs objects >= 1 and hidden >= 1, got {config}")
+
+    def start_from(self, model, missing: list[str]) -> None:
+        """A new scene captioner's LM starts as a copy of the model's."""
+        if any(name.startswith("language.") for name in missing):
+            self.language.load_state_dict(model.language.state_dict())
+
+    # -- what the captioner reads ------------------------------------------------------------------
+
+    def objects(self, model, images: ImageFeatures, image_index: torch.Tensor) -> SceneObjects:
+        """The objects of prompts on the images ``image_index (N,)``: the proposal head's best
+        ``objects`` boxes of each image, however low their score (which the captioner reads; no
+        gradient flows into the choice), read by the box pixel encoder once per image."""
+        k, canvas = self.config.objects, model.config.image_size
+        with torch.no_grad():
+            found = model.capability("propose")(images, max_proposals=k, score_threshold=0.0)
+        boxes = images.features.new_zeros(len(found), k, 4)  # (B, K, 4)
+        scores = images.features.new_zeros(len(found), k)
+        for i, (image_boxes, image_scores) in enumerate(found):
+            boxes[i, : len(image_boxes)], scores[i, : len(image_scores)] = image_boxes, image_scores
+        every_image = torch.arange(len(found), device=boxes.device)
+        pixel_tokens = model.extractor.box_pixels(images.pixels, every_image.repeat_interleave(k),
+                                                  boxes.reshape(-1, 4), canvas)
+        tokens = self.object_tokens(pixel_tokens.view(len(found), k, *pixel_tokens.shape[1:]), boxes, scores,
+                                    canvas, images.valid_size.amin(1))
+        return SceneObjects(boxes[image_index], scores[image_index], tokens[image_index])
+
+    def language_inputs(self, model, images: ImageFeatures, prompts: Prompts,
+                        whole_image: bool) -> LanguageInputs | None:
+        """Whole-image captions are this head's: its LM reads the prompts' visual tokens, then the
+        objects' ``K x T`` tokens; each token's box is its object's."""
+        return self._inputs(model, images, prompts)[0] if whole_image else None
+
+    def _inputs(self, model, images: ImageFeatures, prompts: Prompts) -> tuple[LanguageInputs, SceneObjects]:
+        objects = self.objects(model, images, prompts.image_index)
+        visual = torch.cat([model.visual_tokens(images, prompts), objects.tokens.flatten(1, 2)], dim=1)
+        language = ObjectConditionedLM(self, objects.tokens.shape[2])
+        return LanguageInputs(language, visual, [_ObjectBoxes(self, objects)]), objects
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def claims(self, batch: dict) -> torch.Tensor | None:
+        return batch.get("prompt_scene")
+
+    def claimed_losses(self, model, batch: dict, images: ImageFeatures, rows: torch.Tensor) -> HeadLosses:
+        labels = batch["labels"][rows]
+        prompts = Prompts(batch["prompt_image_index"][rows], batch["prompt_boxes"][rows],
+                          batch["prompt_is_point"][rows])
+        inputs, objects = self._inputs(model, images, prompts)
+        hidden, logits = inputs.language(inputs.visual, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                         labels)
+        pointer = self.location_logits(hidden[:, 1:], objects.tokens, objects.valid)
+        located = batch["label_box_mask"][rows, :-1] & (batch["location_weight"][rows, None] > 0)
+        targets = pointer_targets(batch["label_boxes"][rows, :-1], located, objects.boxes, objects.scores)
+        terms = {"scene_text": smoothed_cross_entropy(logits, labels, batch["caption_weight"][rows],
+                                                      model.config.label_smoothing),
+                 "scene_pointer": pointer_loss(pointer, targets)}
+        total = self.config.text_weight * terms["scene_text"] + self.config.pointer_weight * terms["scene_pointer"]
+        if self.config.coverage:  # position j writes labels[:, j]: is it a word on an object
+            about = self.about(hidden[:, :-1, : -objects.tokens.shape[1]])[..., 0]
+            written = (labels[:, :-1] >= 0) & (batch["caption_weight"][rows, None] > 0)
+            terms["scene_about"] = (F.binary_cross_entropy_with_logits(about[written], (targets >= 0)[written].float())
+                                    if bool(written.any()) else about.sum() * 0.0)
+            total = total + self.config.about_weight * terms["scene_about"]
+        return HeadLosses(total, terms)
+
+    # -- the parts -----------------------------------------------------------------------------------
 
     def object_tokens(self, pixel_tokens: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
                       canvas_size: int, image_sides: torch.Tensor) -> torch.Tensor:
@@ -76,14 +205,28 @@ class SceneCaptioner(nn.Module):
         logits = logits.masked_fill(~valid[:, None], NEG_INF)
         return logits.view(*hidden.shape[:-1], keys.shape[1])
 
-    def write(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor):
+    def write(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor,
+              coverage: torch.Tensor | None = None):
         """The next word from hidden states ``(N, ..., D)``: its vocabulary logits ``(N, ..., V)``,
-        read from the state plus the objects it attends to, and the attention's logits ``(N, ..., K)``."""
-        attention = self.match_logits(self.writer, hidden, objects, valid)
+        read from the state plus the objects it attends to, and the attention's logits ``(N, ..., K)``.
+        ``coverage (N, ..., K)``: what the states before said of each object (``said``), with
+        ``config.coverage``."""
+        base = self.match_logits(self.writer, hidden, objects, valid)
+        attention = base if coverage is None else base + self.coverage_gate(hidden.to(base.dtype)) * coverage.log1p()
         weights = attention.softmax(-1)
         flat = weights.reshape(len(weights), -1, weights.shape[-1])
-        attended = self.fuse(flat @ objects.flatten(2)).view(*hidden.shape)
-        return self.language.logits(hidden + attended), attention
+        state = hidden + self.fuse(flat @ objects.flatten(2)).view(*hidden.shape)
+        if coverage is not None:
+            present = torch.sigmoid(self.presence(objects.flatten(2)))[..., 0] * valid  # (N, K)
+            state = state + self.unsaid(_unsaid(coverage, present)).to(state.dtype)
+        return self.language.logits(state), attention
+
+    def said(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """What each state ``(N, ..., D)`` adds to the coverage ``(N, ..., K)``: its match's softmax
+        (without coverage, so that a teacher-forced pass computes every position's coverage at once),
+        times the gate of the states that write about an object."""
+        base = self.match_logits(self.writer, hidden, objects, valid)
+        return base.softmax(-1) * torch.sigmoid(self.about(hidden.to(base.dtype)))
 
     def location_logits(self, states: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Object logits ``(N, ..., K)`` of the tokens that states ``(N, ..., D + K)`` (``ObjectConditionedLM``'s:
@@ -116,7 +259,7 @@ class ObjectConditionedLM:
         self.captioner, self.language = captioner, captioner.language
         self.eos_token_id = self.language.eos_token_id
         self.shape = (captioner.config.objects, tokens_per_object)
-        self.objects = self.attention = None
+        self.objects = self.attention = self.coverage = None
 
     def _objects(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, t = self.shape
@@ -126,12 +269,19 @@ class ObjectConditionedLM:
     def __call__(self, visual, prompt_ids, prompt_mask, labels):
         """Teacher-forced pass: ``(states (N, L, D + K), logits (N, L, V))``, as ``LanguageModel.forward``."""
         hidden, _ = self.language(visual, prompt_ids, prompt_mask, labels)
-        logits, attention = self.captioner.write(hidden, *self._objects(visual))
+        objects, valid = self._objects(visual)
+        coverage = None
+        if self.captioner.config.coverage:  # what the positions before each one said
+            added = self.captioner.said(hidden, objects, valid)
+            coverage = added.cumsum(1) - added
+        logits, attention = self.captioner.write(hidden, objects, valid, coverage)
         written = torch.cat([torch.zeros_like(attention[:, :1]), attention[:, :-1]], dim=1)
         return torch.cat([hidden, written.to(hidden.dtype)], dim=-1), logits
 
     def start(self, visual, prompt_ids, prompt_mask):
         self.objects = self._objects(visual)
+        if self.captioner.config.coverage:
+            self.coverage = torch.zeros_like(self.objects[1], dtype=visual.dtype)
         hidden, _, state = self.language.start(visual, prompt_ids, prompt_mask)
         return self._written(hidden, torch.zeros_like(self.objects[1], dtype=hidden.dtype), state)
 
@@ -140,13 +290,39 @@ class ObjectConditionedLM:
         return self._written(hidden, self.attention, state)
 
     def _written(self, hidden, written, state):
-        logits, self.attention = self.captioner.write(hidden, *self.objects)
+        logits, self.attention = self.captioner.write(hidden, *self.objects, self.coverage)
+        if self.coverage is not None:
+            self.coverage = self.coverage + self.captioner.said(hidden, *self.objects)
         return torch.cat([hidden, written.to(hidden.dtype)], dim=-1), logits, state
 
     def select(self, state, index):
         self.objects = tuple(x[index] for x in self.objects)
         self.attention = self.attention[index]
+        if self.coverage is not None:
+            self.coverage = self.coverage[index]
         return self.language.select(state, index)
+
+
+class _ObjectBoxes(DecodeHook):
+    """Decoding's reader of the captioner's states: the box of each token's object."""
+
+    name = "token_boxes"
+
+    def __init__(self, captioner: SceneCaptioner, objects: SceneObjects):
+        self.captioner, self.objects = captioner, objects
+
+    def read(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        o = self.objects
+        return self.captioner.locate(states, o.tokens[rows], o.boxes[rows], o.valid[rows])
+
+
+def _unsaid(coverage: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """How much of the scene is left: ``(..., 2)`` from ``coverage (N, ..., K)`` and how much each
+    object counts, ``present (N, K)``: the sum of ``present * exp(-coverage)`` (an object never
+    attended counts whole) over the sum of ``present``, and over ``K``."""
+    weight = present.reshape(len(present), *([1] * (coverage.dim() - 2)), present.shape[-1]).to(coverage.dtype)
+    left = ((-coverage).exp() * weight).sum(-1, keepdim=True)
+    return torch.cat([left / weight.sum(-1, keepdim=True).clamp(min=1e-6), left / coverage.shape[-1]], dim=-1)
 
 
 def pointer_targets(label_boxes: torch.Tensor, label_mask: torch.Tensor, boxes: torch.Tensor,
