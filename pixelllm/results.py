@@ -58,29 +58,62 @@ class Caption:
 
 
 @dataclass
+class Location:
+    """Referring localization: the box of an expression, its ``score`` (``Predictor.find_batch``)
+    and whether that score reached the threshold asked for (``found``; the box is given either way)."""
+
+    expression: str
+    box: list[float]
+    score: float
+    found: bool
+    image_size: tuple[int, int]  # (W, H)
+
+    def __post_init__(self) -> None:
+        finite([*self.box, self.score], "a location's box or score")
+
+    def to_dict(self) -> dict:
+        """The ``locate`` JSON of INTERFACE.md."""
+        return {"expression": self.expression, "box": rounded(self.box, "a box"), "score": round(float(self.score), 4),
+                "found": bool(self.found), "image_size": list(self.image_size)}
+
+
+@dataclass
 class Segmentation:
-    """Referring segmentation: the box and an ``(H, W)`` bool mask of the original image."""
+    """Referring segmentation: the box and an ``(H, W)`` bool mask of the original image, with the
+    expression's ``score`` and ``found`` as ``Location`` has them and the mask decoder's own
+    ``mask_score`` (its predicted IoU of the mask with the object)."""
 
     expression: str
     box: list[float]
     mask: np.ndarray
     image_size: tuple[int, int]
-    score: float = 0.0  # SAM's predicted IoU
+    score: float = 0.0
+    found: bool = True
+    mask_score: float = 0.0
 
     def __post_init__(self) -> None:
-        finite([*self.box, self.score], "a segmentation's box or score")
+        finite([*self.box, self.score, self.mask_score], "a segmentation's box or score")
 
     @property
     def area(self) -> int:
         return int(self.mask.sum())
 
     def to_dict(self) -> dict:
-        from pycocotools import mask as mask_utils
+        """The ``segment`` JSON of INTERFACE.md; ``mask`` is COCO's compressed RLE (``mask_rle``)."""
+        return {"expression": self.expression, "box": rounded(self.box), "mask": mask_rle(self.mask),
+                "area": self.area, "score": round(float(self.score), 4), "found": bool(self.found),
+                "mask_score": round(float(self.mask_score), 4), "image_size": list(self.image_size)}
 
-        rle = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
-        return {"expression": self.expression, "box": rounded(self.box),
-                "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                "area": self.area, "image_size": list(self.image_size)}
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """An ``(H, W)`` bool mask as COCO's compressed RLE: ``{"size": [H, W], "counts": str}``, the
+    run lengths of the mask read column by column (Fortran order), starting with a run of 0s,
+    compressed into text as pycocotools writes it. ``pycocotools.mask.decode({"size": size,
+    "counts": counts.encode()})`` gives the ``H x W`` uint8 mask back."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 @dataclass
@@ -99,11 +132,6 @@ class Region:
     def to_dict(self) -> dict:
         return {"box": rounded(self.box), "score": round(float(self.score), 4), "caption": self.caption}
 
-
-
-def location_json(expression: str, box, image_size: tuple[int, int]) -> dict:
-    """The ``locate`` JSON of INTERFACE.md."""
-    return {"expression": expression, "box": rounded(box, "a box"), "image_size": list(image_size)}
 
 
 def dense_captions_json(regions: list[Region], image_size: tuple[int, int]) -> dict:

@@ -5,18 +5,23 @@
     image.caption()                              # Caption(text, words); each word has a box and point
     image.caption(box=[x0, y0, x1, y1])          # a caption of that region
     image.locate("the red circle")               # [x0, y0, x1, y1]
-    image.segment("the red circle")              # Segmentation(box, mask)
-    image.dense_caption()                        # [Region(box, score, caption)]
+    image.find("the red circle")                 # Location(box, score, found): is it there at all?
+    image.segment("the red circle")              # Segmentation(box, mask, score, found)
+    image.dense_caption()                        # [Region(box, score, caption)], scores from 0.4
     encoded = predictor.encode_batch(paths)      # many images in one pass, then all their prompts
     predictor.locate_batch(encoded, texts)       # in one pass (texts[i] on encoded[i]); likewise
-                                                 # caption_batch, caption_regions_batch, segment_batch,
-                                                 # dense_caption_batch, token_boxes
+                                                 # find_batch, caption_batch, caption_regions_batch,
+                                                 # segment_batch, dense_caption_batch, token_boxes
 
 Every coordinate in and out is in pixels of the original image. Decoding follows the official
 settings: captions beam 4 with length penalty 0.6; region and dense captions greedy, at most 40
 tokens. A referring expression is not decoded: as the official inference does for RefCOCO, the
 model reads the expression itself (teacher-forced under the "where is ..." prompt) and its box is
 the one at the expression's last word.
+
+A referring expression always gets a box, whether or not the image holds what it names; its score
+(``find_batch``) tells the two apart; ``pixelllm.thresholds`` holds the thresholds measured on the
+shapes world's held-out split.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,12 +40,18 @@ from pixelllm.data.words import words_from_ids
 from pixelllm.errors import InputError
 from pixelllm.generation import GenerationOutput, generate, teacher_forced_reads, teacher_forced_states
 from pixelllm.model import ImageFeatures, PixelLLM, Prompts
-from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.model.boxes import box_area
+from pixelllm.results import Caption, Location, Region, Segmentation
+from pixelllm.thresholds import DENSECAP_MIN_SCORE, LOCATE_MIN_SCORE
 from pixelllm.tokenization import encode_prompt
 
 CAPTION_DECODING = {"num_beams": 4, "length_penalty": 0.6}
 TOKEN_BOXES = "token_boxes"  # what a head reads from each state: the box of the token it read
 REGION_DECODING = {"num_beams": 1, "max_new_tokens": 40}
+DUPLICATE_SHARE = 0.5
+"""A dense region repeats a better one with its caption when this share of the smaller box lies in the other."""
+EDGE_TOLERANCE = 1.0
+"""Pixels: a prompt box or point this far past the image's edge is clipped to it; farther is an error."""
 
 
 @dataclass
@@ -59,11 +71,13 @@ class _ReadExpressions:
     ``features``/``index``: the images and each expression's image ``(N,)``; ``visual``: the
     prompts' visual tokens ``(N, T, D)``; ``hidden``: the states whose inputs are the expression's
     tokens ``(N, L, D)`` and ``text_mask`` ``(N, L)``; ``canvas_boxes``: the box at each last word
-    ``(N, 4)`` canvas pixels; ``boxes``: the same in original pixels, clipped to the image.
+    ``(N, 4)`` canvas pixels; ``boxes``: the same in original pixels, clipped to the image;
+    ``sequences``: each expression's token ids.
     """
 
     images: list[EncodedImage]
     expressions: list[str]
+    sequences: list[list[int]]
     features: ImageFeatures
     index: torch.Tensor
     visual: torch.Tensor
@@ -76,9 +90,11 @@ class _ReadExpressions:
 class Predictor:
     """A PixelLLM with its pre- and post-processing: images in, results in original pixels out."""
 
-    def __init__(self, model: PixelLLM, device: str | torch.device | None = None):
+    def __init__(self, model: PixelLLM, device: str | torch.device | None = None, embedded: bool = False):
+        """``embedded``: the model is the embedded default, which knows only the shapes world."""
         if model.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer files; the tasks need one")
+        self.embedded = embedded
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
@@ -129,32 +145,57 @@ class Predictor:
         read = self._read_expressions(encoded, expressions)
         return _per_image(read.boxes if read else [], [len(x) for x in expressions])
 
+    def find_batch(self, encoded: list[EncodedImage], expressions,
+                   min_score: float = LOCATE_MIN_SCORE) -> list[list[Location]]:
+        """``locate_batch`` with every box's score (``_expression_scores``) and whether it is found:
+        a score of at least ``min_score``."""
+        min_score = _check_min_score(min_score)
+        read = self._read_expressions(encoded, expressions)
+        if read is None:
+            return [[] for _ in expressions]
+        found = [Location(text, box, score, score >= min_score, image.image_size)
+                 for image, text, box, score in zip(read.images, read.expressions, read.boxes,
+                                                    self._expression_scores(read), strict=True)]
+        return _per_image(found, [len(x) for x in expressions])
+
     @torch.no_grad()
-    def segment_batch(self, encoded: list[EncodedImage], expressions) -> list[list[Segmentation]]:
+    def segment_batch(self, encoded: list[EncodedImage], expressions,
+                      min_score: float = LOCATE_MIN_SCORE) -> list[list[Segmentation]]:
         """The box and mask of every expression ``expressions[i][j]`` on ``encoded[i]``: the mask
-        decoder prompted with each box and reading the expression's hidden states, all in one batch."""
+        decoder prompted with each box and reading the expression's hidden states, all in one batch;
+        each with its score and ``found`` as ``find_batch`` gives them."""
+        min_score = _check_min_score(min_score)
         read = self._read_expressions(encoded, expressions)
         if read is None:
             return [[] for _ in expressions]
         mask_logits = self.model.capability("mask_logits")
         logits, iou = mask_logits(read.features, read.index, read.canvas_boxes, read.visual, read.hidden,
                                   read.text_mask)
+        scores = self._expression_scores(read)
         masks = [Segmentation(text, box, image.transform.mask_to_original(logits[row]), image.image_size,
-                              float(iou[row]))
+                              scores[row], scores[row] >= min_score, float(iou[row]))
                  for row, (image, text, box) in enumerate(zip(read.images, read.expressions, read.boxes, strict=True))]
         return _per_image(masks, [len(x) for x in expressions])
 
     @torch.no_grad()
     def dense_caption_batch(self, encoded: list[EncodedImage], max_regions: int | None = None,
+                            min_score: float | None = DENSECAP_MIN_SCORE, deduplicate: bool = True,
                             **decoding) -> list[list[Region]]:
         """Detected regions of every image with their captions, best score first; the proposals of
-        all images are captioned in one batch."""
+        all images are captioned in one batch.
+
+        ``min_score``: the least proposal score kept (None: the proposal head's own threshold, every
+        proposal it gives, as the dense captioning evaluation takes them). ``deduplicate``: leave out
+        a region that repeats a better one (``_without_repeats``).
+        """
         if max_regions is not None and max_regions < 1:
             raise InputError(f"max_regions must be at least 1, got {max_regions}")
+        if min_score is not None:
+            min_score = _check_min_score(min_score)
         if not encoded:
             return []
         features, _ = _stack(encoded)
-        proposals = self.model.capability("propose")(features, max_proposals=max_regions)
+        proposals = self.model.capability("propose")(features, max_proposals=max_regions, score_threshold=min_score)
         found = [(e, box, score) for e, (boxes, scores) in zip(encoded, proposals, strict=True)
                  for box, score in zip(boxes.cpu().numpy(), scores.tolist(), strict=True)]
         out = self._generate([(e, _Prompt(box, False, self.prompts["region"])) for e, box, _ in found],
@@ -164,7 +205,8 @@ class Predictor:
             caption = e._caption(out, row)
             box = _clip_box(e.transform.boxes_to_original(box), e.image_size)
             regions.append(Region(box, score, caption.text, caption.words))
-        return _per_image(regions, [len(scores) for _, scores in proposals])
+        per_image = _per_image(regions, [len(scores) for _, scores in proposals])
+        return [_without_repeats(image_regions) for image_regions in per_image] if deduplicate else per_image
 
     @torch.no_grad()
     def token_boxes(self, encoded: list[EncodedImage], token_ids: list[list[int]]) -> list[np.ndarray]:
@@ -202,8 +244,26 @@ class Predictor:
         boxes = [_clip_box(e.transform.boxes_to_original(b), e.image_size)
                  for (e, _), b in zip(pairs, canvas_boxes.cpu().numpy(), strict=True)]
         text_mask = torch.arange(hidden.shape[1], device=self.device) < lengths[:, None]
-        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], features, index, inputs.visual, hidden,
-                                text_mask, canvas_boxes, boxes)
+        return _ReadExpressions([e for e, _ in pairs], [t for _, t in pairs], sequences, features, index, inputs.visual,
+                                hidden, text_mask, canvas_boxes, boxes)
+
+    @torch.no_grad()
+    def _expression_scores(self, read: _ReadExpressions) -> list[float]:
+        """How well each box found fits its expression, in (0, 1]: the geometric mean of the
+        probabilities of the expression's tokens when the model reads the expression as the caption
+        of that box (the region prompt, teacher-forced). The referring pass cannot tell: its
+        likelihood of an expression follows the language prior, and it always points somewhere; the
+        region caption of a red square or a blue circle does not say "red circle"
+        (docs/model_card.md, "Scores": measured against the pointer's logits, the re-ranker's and
+        the proposals' scores)."""
+        requests = [(image, _Prompt(image.transform.boxes_to_canvas(box).astype(np.float32), False,
+                                    self.prompts["region"]))
+                    for image, box in zip(read.images, read.boxes, strict=True)]
+        inputs, _, _, input_ids, attention_mask = self._model_inputs(requests)
+        states = teacher_forced_states(inputs, input_ids, attention_mask, read.sequences)
+        log_probs = inputs.language.logits(states).float().log_softmax(-1)  # position j: the odds of token j
+        return [float(log_probs[row, torch.arange(len(ids)), torch.tensor(ids, device=log_probs.device)].mean().exp())
+                for row, ids in enumerate(read.sequences)]
 
     @torch.no_grad()
     def _generate(self, requests: list[tuple[EncodedImage, _Prompt]], **decoding) -> GenerationOutput:
@@ -276,13 +336,19 @@ class EncodedImage:
         """The box ``[x0, y0, x1, y1]`` of a referring expression (read at its last word)."""
         return self.predictor.locate_batch([self], [[expression]])[0][0]
 
-    def segment(self, expression: str) -> Segmentation:
-        """The box and ``(H, W)`` bool mask of a referring expression."""
-        return self.predictor.segment_batch([self], [[expression]])[0][0]
+    def find(self, expression: str, min_score: float = LOCATE_MIN_SCORE) -> Location:
+        """The box of a referring expression with its score, and whether it is found (``find_batch``)."""
+        return self.predictor.find_batch([self], [[expression]], min_score)[0][0]
 
-    def dense_caption(self, max_regions: int | None = None, **decoding) -> list[Region]:
-        """Detected regions, each with its caption, best score first."""
-        return self.predictor.dense_caption_batch([self], max_regions, **decoding)[0]
+    def segment(self, expression: str, min_score: float = LOCATE_MIN_SCORE) -> Segmentation:
+        """The box and ``(H, W)`` bool mask of a referring expression, with its score and ``found``."""
+        return self.predictor.segment_batch([self], [[expression]], min_score)[0][0]
+
+    def dense_caption(self, max_regions: int | None = None, min_score: float | None = DENSECAP_MIN_SCORE,
+                      **decoding) -> list[Region]:
+        """Detected regions scored at least ``min_score``, each with its caption, best score first,
+        without repeats (``Predictor.dense_caption_batch``)."""
+        return self.predictor.dense_caption_batch([self], max_regions, min_score, **decoding)[0]
 
     # -- shared steps --------------------------------------------------------------------------
 
@@ -310,29 +376,50 @@ class EncodedImage:
         return Caption(text, words, self.image_size, float(out.scores[row]))
 
     def _check_box(self, box) -> np.ndarray:
+        """A prompt box on the canvas; up to ``EDGE_TOLERANCE`` past the image's edge, clipped to it."""
         values = _numbers(box, 4, "box")
         x0, y0, x1, y1 = values
-        width, height = self.image_size
         if x1 <= x0 or y1 <= y0:
             raise InputError(f"box {_show(values)} needs x1 > x0 and y1 > y0")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise InputError(f"box {_show(values)} is outside the {width}x{height} image")
-        return self.transform.boxes_to_canvas(values).astype(np.float32)
+        self._check_inside(f"box {_show(values)}", {"x0": x0, "y0": y0, "x1": x1, "y1": y1})
+        clipped = np.array(_clip_box(values, self.image_size))
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            raise InputError(f"box {_show(values)} has no area inside the {self._size_text()} image")
+        return self.transform.boxes_to_canvas(clipped).astype(np.float32)
 
     def _check_point(self, point) -> np.ndarray:
+        """A prompt point on the canvas (as a box of no size); up to ``EDGE_TOLERANCE`` past the edge, clipped."""
         values = _numbers(point, 2, "point")
-        width, height = self.image_size
-        if not (0 <= values[0] <= width and 0 <= values[1] <= height):
-            raise InputError(f"point {_show(values)} is outside the {width}x{height} image")
-        x, y = self.transform.points_to_canvas(values)
+        self._check_inside(f"point {_show(values)}", {"x": values[0], "y": values[1]})
+        x, y = self.transform.points_to_canvas(np.clip(values, 0, self.image_size))
         return np.array([x, y, x, y], dtype=np.float32)
+
+    def _check_inside(self, what: str, coordinates: dict[str, float]) -> None:
+        """``InputError`` naming the edge that a coordinate (``x...`` or ``y...``) lies past by
+        more than ``EDGE_TOLERANCE``."""
+        width, height = self.image_size
+        for name, value in coordinates.items():
+            horizontal = name.startswith("x")
+            side = width if horizontal else height
+            if value < -EDGE_TOLERANCE:
+                edge, limit = ("left" if horizontal else "top"), f"{name} = {value:g} < 0"
+            elif value > side + EDGE_TOLERANCE:
+                edge, limit = ("right" if horizontal else "bottom"), f"{name} = {value:g} > {side}"
+            else:
+                continue
+            raise InputError(f"{what} extends past the {edge} edge of the {self._size_text()} image ({limit})")
+
+    def _size_text(self) -> str:
+        return "{}x{}".format(*self.image_size)
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Predictor:
     """Load a checkpoint directory (default: the embedded model that ships with the package)."""
-    from pixelllm.assets import default_checkpoint
+    from pixelllm.assets import DEFAULT_CHECKPOINT, default_checkpoint
 
-    return Predictor(PixelLLM.from_pretrained(path or default_checkpoint()), device=device)
+    checkpoint = path or default_checkpoint()
+    embedded = Path(checkpoint).resolve() == DEFAULT_CHECKPOINT.resolve()
+    return Predictor(PixelLLM.from_pretrained(checkpoint), device=device, embedded=embedded)
 
 
 def _stack(encoded: list[EncodedImage]) -> tuple[ImageFeatures, torch.Tensor]:
@@ -356,6 +443,37 @@ def _per_image(results: list, counts: list[int]) -> list[list]:
         groups.append(results[start : start + count])
         start += count
     return groups
+
+
+def _without_repeats(regions: list[Region]) -> list[Region]:
+    """``regions`` (best first) less each one that repeats a better one: the same caption (case,
+    spaces and a final period aside) on a box of which ``DUPLICATE_SHARE`` lies in the other box or
+    that holds that share of it. The proposals' NMS (IoU over 0.5) keeps a box nested in a larger
+    one: on the shapes world, the same object twice (its twins never overlap that much)."""
+    kept: list[Region] = []
+    for region in regions:
+        if not any(_caption_key(k.caption) == _caption_key(region.caption)
+                   and _nested_share(k.box, region.box) >= DUPLICATE_SHARE for k in kept):
+            kept.append(region)
+    return kept
+
+
+def _caption_key(caption: str) -> str:
+    return " ".join(caption.lower().rstrip(". ").split())
+
+
+def _nested_share(a: list[float], b: list[float]) -> float:
+    """The share of the smaller of two boxes that lies in the other (0 for an empty box)."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    intersection = box_area(torch.cat([torch.maximum(a[:2], b[:2]), torch.minimum(a[2:], b[2:])]))
+    smaller = torch.minimum(box_area(a), box_area(b))
+    return float(intersection / smaller) if smaller > 0 else 0.0
+
+
+def _check_min_score(min_score) -> float:
+    if isinstance(min_score, bool) or not isinstance(min_score, int | float) or not 0 <= min_score <= 1:
+        raise InputError(f"min_score must be a number from 0 to 1, got {min_score!r}")
+    return float(min_score)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

@@ -65,6 +65,8 @@ from pixelllm.model.checkpoint import load_tensors, resolve, write_tensors
 from pixelllm.tokenization import train_tokenizer
 
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+RUN_DIR = "${out}"
+"""In a config's texts: the run directory (``--out``), e.g. ``data: ${out}/data/train``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,11 +156,14 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads per process
 
     @classmethod
-    def load(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    def load(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+             out: str | os.PathLike | None = None) -> TrainConfig:
         """The config of a YAML file, with ``overrides`` applied over it: dotted keys and their values
         (``{"steps": 200, "optim.lr": 5e-4, "datasets.0.weight": 2}``; a list entry by its index, any
         key inside a free mapping such as ``model.overrides``). A key the config does not have, or a
-        value of the wrong kind, is a ``ConfigError``."""
+        value of the wrong kind, is a ``ConfigError``. ``RUN_DIR`` (``${out}``) in any text of the
+        file or of an override becomes the run directory ``out`` (default: ``default_run_dir(path)``),
+        so that a config names the data its ``synth`` section generates wherever the run writes."""
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())
@@ -166,12 +171,13 @@ class TrainConfig:
             raise ConfigError(f"config file {path} not found") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        run_dir = str(out if out is not None else default_run_dir(path))
         try:
-            config = dataclass_from_dict(cls, data or {}, "config")
+            config = dataclass_from_dict(cls, _with_run_dir(data or {}, run_dir), "config")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         for key, value in (overrides or {}).items():
-            _override(config, key, value)
+            _override(config, key, _with_run_dir(value, run_dir))
         if not config.datasets:
             raise ConfigError(f"{path}: 'datasets' must list at least one dataset")
         if not any(d.start == 0 for d in config.datasets):
@@ -179,6 +185,22 @@ class TrainConfig:
         if config.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"{path}: strategy must be ddp or fsdp, got {config.strategy!r}")
         return config
+
+
+def default_run_dir(config_path: str | os.PathLike) -> Path:
+    """Where a run of the config file ``config_path`` writes without ``--out``: ``runs/<file name>``."""
+    return Path("runs") / Path(config_path).stem
+
+
+def _with_run_dir(value: Any, run_dir: str) -> Any:
+    """``value`` (YAML data) with ``RUN_DIR`` in every text replaced by ``run_dir``."""
+    if isinstance(value, str):
+        return value.replace(RUN_DIR, run_dir)
+    if isinstance(value, list):
+        return [_with_run_dir(item, run_dir) for item in value]
+    if isinstance(value, dict):
+        return {key: _with_run_dir(item, run_dir) for key, item in value.items()}
+    return value
 
 
 def _override(config: TrainConfig, key: str, value: Any) -> None:
@@ -548,7 +570,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
     logger = _Logger(out, runtime, config, start)
     for epoch, loss in enumerate(pretrain_losses, 1):
         logger.log({"step": 0, "box_pixel_pretrain_epoch": epoch, "box_pixel_pretrain_loss": loss}, progress=False)
-    last = {}
+    last, evaluated = {}, {}
     for step in range(start, config.steps):
         lr = learning_rate(step, config.steps, config.optim)
         for group in optimizer.param_groups:
@@ -567,18 +589,34 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
                                      {"best": best, **streams.state(), **report.state()}, runtime)
         if config.eval.data and config.eval.tasks and ((step + 1) % config.eval.every == 0 or done):
             scores = evaluate_during_training(model, config, runtime, step + 1)
-            logger.log({"step": step + 1, **scores}, progress=False)
+            evaluated = {"step": step + 1, **scores}
+            logger.log(evaluated, progress=False)
             score = scores.get(config.eval.metric) if config.eval.metric else None
             if score is not None and score > best:  # the same decision on every process
                 best = score
                 save_training_checkpoint(out / "best", model, optimizer, step + 1,
                                          {"best": best, **streams.state(), **report.state()}, runtime)
             model.train()
-    logger.close(report.summary())
+    logger.close(report.summary() + "\n" + outputs_summary(out, evaluated, best, config.eval.metric))
     if runtime.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def outputs_summary(out: Path, evaluated: dict, best: float, metric: str | None) -> str:
+    """Where a finished run left its checkpoints and logs, and its last evaluation's scores
+    (``evaluated``: ``{"step": n, "task/metric": value, ...}``, empty when none ran)."""
+    lines = [f"model: {out / 'last'} (the last step; use it with --model {out / 'last'})"]
+    if math.isfinite(best) and (out / "best").is_dir():
+        lines.append(f"best: {out / 'best'} ({metric} {best:.3f})")
+    if evaluated:
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in evaluated.items() if name != "step")
+        lines.append(f"eval at step {evaluated['step']}: {scores or 'no score (see the warning above)'}")
+    else:
+        lines.append("eval: none ran (the config's eval section names no data or tasks)")
+    lines.append(f"logs: {out / 'metrics.jsonl'}, TensorBoard {out / 'tb'}")
+    return "\n".join(lines)
 
 
 def _micro_batches(config: TrainConfig, sources: Sources, streams: Streams, pad_token_id: int, runtime: Runtime,
@@ -707,14 +745,25 @@ def _evaluate_task(evaluate, model: PixelLLM, task: str, config: TrainConfig, st
 
 
 def prepare_synthetic_data(config: TrainConfig, out: Path) -> None:
-    """Generate the configured shapes-world splits into ``<out>/data`` unless they exist."""
+    """Generate the configured shapes-world splits into ``<out>/data`` unless they exist. First,
+    every dataset and the evaluation data must exist or be among those splits: a wrong path fails
+    at once, not after minutes of generating."""
     synth = config.synth
-    for split, count in (("train", synth.train_images), ("val", synth.val_images)):
-        target = out / "data" / split
-        if count > 0 and not (target / "summary.json").is_file():
+    splits = {out / "data" / split: count for split, count in (("train", synth.train_images),
+                                                                ("val", synth.val_images)) if count > 0}
+    generated = [target.resolve() for target in splits]
+    named = [(f"dataset {spec.task}", spec.data) for spec in config.datasets]
+    for what, data in named + ([("eval.data", config.eval.data)] if config.eval.data else []):
+        path = Path(data).resolve()
+        if not path.exists() and not any(path == target or target in path.parents for target in generated):
+            made = (f"; this run generates {' and '.join(str(t) for t in splits)} (in a config: "
+                    f"{RUN_DIR}/data/{'|'.join(t.name for t in splits)})") if splits else ""
+            raise ConfigError(f"{what}: {data} does not exist{made}")
+    for target, count in splits.items():
+        if not (target / "summary.json").is_file():
             from pixelllm.data.synthetic import generate
 
-            generate(target, count, synth.seed, split=split)
+            generate(target, count, synth.seed, split=target.name)
 
 
 class _Logger:
@@ -791,8 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pixelllm.cli import parse_overrides
 
-        config = TrainConfig.load(args.config, parse_overrides(args.overrides))
-        train(config, args.out or Path("runs") / Path(args.config).stem, resume=args.resume)
+        out = args.out or default_run_dir(args.config)
+        train(TrainConfig.load(args.config, parse_overrides(args.overrides), out=out), out, resume=args.resume)
     except PixelLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The demo: bundled samples, and what it writes (pictures, results.json, index.html)."""
 
+import html
 import json
 import re
 from pathlib import Path
@@ -9,19 +10,21 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pixelllm.assets import SHAPES_WORLD
 from pixelllm.data.words import Word
-from pixelllm.demo import TITLES, Sample, bundled_samples, run_demo
+from pixelllm.demo import OUTSIDE_WORLD, TITLES, Sample, bundled_samples, run_demo
 from pixelllm.errors import InputError
-from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.results import Caption, Location, Region, Segmentation
 from pixelllm.tasks import Predictor
+from pixelllm.viz import picture_scale
 from tests.helpers import tiny_model
 
 CAPTION_KEYS = {"caption", "words", "image_size"}
 INTERFACE_KEYS = {
     "caption": CAPTION_KEYS,
     "region_caption": CAPTION_KEYS | {"box"},
-    "locate": {"expression", "box", "image_size"},
-    "segment": {"expression", "box", "mask", "area", "image_size"},
+    "locate": {"expression", "box", "score", "found", "image_size"},
+    "segment": {"expression", "box", "mask", "area", "score", "found", "mask_score", "image_size"},
     "densecap": {"regions", "image_size"},
 }
 SHAPES_WORDS = {"red", "green", "blue", "yellow", "purple", "orange", "white", "black",
@@ -77,9 +80,10 @@ def test_every_task_has_a_picture_of_the_image_and_the_page_links_only_existing_
     out, results = tiny_demo
     (entry,) = results["samples"]
     assert set(entry["pictures"]) == set(INTERFACE_KEYS) == set(TITLES)
+    size = entry["caption"]["image_size"]
     for picture in entry["pictures"].values():
         with Image.open(out / picture) as image:
-            assert image.format == "PNG" and image.width == entry["caption"]["image_size"][0]
+            assert image.format == "PNG" and image.width == round(size[0] * picture_scale(size))
     page = (out / "index.html").read_text()
     targets = links(page)
     assert set(entry["pictures"].values()) | {"results.json"} == set(targets)
@@ -97,8 +101,8 @@ class FakeImage:
         words = [Word(t, [0, 0, 10, 10], [5, 5], []) for t in self.text.split()]
         return Caption(self.text, words, self.image_size)
 
-    def locate(self, expression, **decoding):
-        return [1.0, 2.0, 30.0, 40.0]
+    def find(self, expression, **decoding):
+        return Location(expression, [1.0, 2.0, 30.0, 40.0], 0.5, True, self.image_size)
 
     def segment(self, expression, **decoding):
         mask = np.zeros((48, 64), dtype=bool)
@@ -110,6 +114,9 @@ class FakeImage:
 
 
 class FakePredictor:
+    def __init__(self, embedded=False):
+        self.embedded = embedded
+
     def encode(self, image):
         return FakeImage()
 
@@ -126,6 +133,25 @@ def test_the_page_escapes_every_text(tmp_path, fake_sample):
     page = (tmp_path / "out" / "index.html").read_text()
     assert "<b>" not in page and "<red>" not in page and "x<y" not in page
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "&lt;red&gt;" in page and "&amp;" in page
+
+
+def test_with_the_embedded_model_the_page_says_what_it_knows_and_marks_photos(tmp_path, fake_sample):
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # nothing like the shapes world
+    Image.fromarray(noise).save(tmp_path / "photo.png")
+    photo = Sample("photo", tmp_path / "photo.png", "the cat", (0, 0, 32, 24))
+    results = run_demo(FakePredictor(embedded=True), tmp_path / "out", images=[fake_sample, photo], progress=False)
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert html.escape(SHAPES_WORLD) in page and html.escape(OUTSIDE_WORLD) in page
+    assert results["embedded"] and "note" not in results["samples"][0] and results["samples"][1]["note"]
+    run_demo(FakePredictor(embedded=False), tmp_path / "other", images=[photo], progress=False)
+    assert "shapes world" not in (tmp_path / "other" / "index.html").read_text()
+
+
+def test_the_page_shows_pictures_at_their_own_size_at_most():
+    from pixelllm.demo import PAGE_STYLE
+
+    rule = re.search(r"figure img \{([^}]*)\}", PAGE_STYLE).group(1)
+    assert "width: 100%" not in rule.replace("max-width", "")  # never stretched past the picture's pixels
 
 
 def test_progress_is_shown_on_stderr_unless_turned_off(tmp_path, fake_sample, capsys):

@@ -11,8 +11,9 @@ from pixelllm.data.collate import collate
 from pixelllm.data.pipeline import ExampleBuilder, TaskConfig
 from pixelllm.errors import InputError
 from pixelllm.model import Prompts
-from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.results import Caption, Location, Region, Segmentation
 from pixelllm.tasks import Predictor
+from pixelllm.thresholds import LOCATE_MIN_SCORE
 
 DECODE = {"max_new_tokens": 6}
 
@@ -62,10 +63,52 @@ def test_locate_segment_densecap_contract(predictor, photo):
 
     decoded = mask_utils.decode({"size": data["mask"]["size"], "counts": data["mask"]["counts"].encode()})
     assert np.array_equal(decoded.astype(bool), segmentation.mask) and data["area"] == segmentation.mask.sum()
-    regions = image.dense_caption(max_regions=3, **DECODE)
+    regions = image.dense_caption(max_regions=3, min_score=0.0, **DECODE)
     assert 0 < len(regions) <= 3 and all(isinstance(r, Region) for r in regions)
     assert [r.score for r in regions] == sorted((r.score for r in regions), reverse=True)
     assert all(_inside(r.box, image.image_size) for r in regions)
+
+
+def test_find_gives_the_located_box_a_score_and_whether_it_is_found(predictor, photo):
+    image = predictor.encode(photo)
+    found = image.find("the cat")
+    assert isinstance(found, Location) and found.box == image.locate("the cat")
+    assert 0 < found.score <= 1 and found.found == (found.score >= LOCATE_MIN_SCORE)
+    assert image.find("the cat", min_score=0.0).found and not image.find("the cat", min_score=1.0).found
+    data = found.to_dict()
+    assert set(data) == {"expression", "box", "score", "found", "image_size"} and data["found"] is found.found
+    segmentation = image.segment("the cat")
+    assert segmentation.score == pytest.approx(found.score, abs=1e-5) and segmentation.found == found.found
+    assert {"score", "found", "mask_score"} <= set(segmentation.to_dict())  # mask_score: the decoder's IoU guess
+
+
+def test_the_score_is_the_expression_read_as_the_caption_of_its_box(predictor, photo):
+    """A score is the geometric mean of the expression's token probabilities on the training path
+    of a region caption of the box found for it."""
+    expression = "the cat on the left"
+    found = predictor.encode(photo).find(expression)
+    region = samples.Region(tuple(found.box), [expression])
+    sample = samples.Sample(photo, "cat", Image.open(photo).size, regions=[region])
+    task = TaskConfig("region", predictor.model.config.image_size, prompts=predictor.prompts)
+    batch = collate([ExampleBuilder(predictor.tokenizer, task)(sample)], predictor.tokenizer.pad_token_id)
+    model = predictor.model
+    with torch.no_grad():
+        images = model.encode_images(batch["pixel_values"], batch["pixel_mask"])
+        prompts = Prompts(batch["prompt_image_index"], batch["prompt_boxes"], batch["prompt_is_point"])
+        _, logits = model.language(model.visual_tokens(images, prompts), batch["input_ids"], batch["attention_mask"],
+                                   batch["labels"])
+    labels = batch["labels"][0]
+    words = (labels >= 0) & (labels != model.language.eos_token_id)
+    log_probs = logits[0].float().log_softmax(-1)[words].gather(1, labels[words][:, None])
+    assert found.score == pytest.approx(float(log_probs.mean().exp()), rel=1e-3)
+
+
+def test_find_batched_equals_one_by_one(predictor, real_data):
+    encoded = [predictor.encode(real_data / "photos" / name) for name in ("chelsea.png", "rocket.jpg")]
+    expressions = [["the cat", "the left ear"], ["the rocket"]]
+    for image, texts, results in zip(encoded, expressions, predictor.find_batch(encoded, expressions), strict=True):
+        for text, batched in zip(texts, results, strict=True):
+            assert image.find(text).score == pytest.approx(batched.score, rel=1e-4)
 
 
 def test_batched_equals_one_by_one(predictor, real_data):
@@ -128,9 +171,11 @@ def test_encode_once_prompt_many(predictor, photo):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"box": [50, 50, 10, 80]}, "needs x1 > x0"),
-    ({"box": [0, 0, 1000, 50]}, "outside the 451x300 image"),
+    ({"box": [0, 0, 1000, 50]}, r"extends past the right edge of the 451x300 image \(x1 = 1000 > 451\)"),
+    ({"box": [0, -3, 50, 50]}, r"past the top edge .*\(y0 = -3 < 0\)"),
+    ({"box": [451.5, 0, 452, 50]}, "has no area inside the 451x300 image"),
     ({"box": [0, 0, float("nan"), 5]}, "finite"),
-    ({"point": [-5, 10]}, "outside"),
+    ({"point": [-5, 10]}, "extends past the left edge"),
     ({"box": [1, 2, 3, 4], "point": [1, 2]}, "not both"),
     ({"prompt": "   "}, "empty prompt"),
 ])
@@ -139,12 +184,24 @@ def test_bad_prompts(predictor, photo, kwargs, message):
         predictor.encode(photo).caption(**kwargs)
 
 
+def test_a_prompt_up_to_a_pixel_past_the_edge_is_clipped(predictor, photo):
+    image = predictor.encode(photo)  # 451 x 300
+    edge = image.caption(box=[400, 250, 451, 300], **DECODE)
+    assert image.caption(box=[400, 250, 452, 301], **DECODE).text == edge.text
+    assert image.caption(point=[451.5, -0.5], **DECODE).text == image.caption(point=[451, 0], **DECODE).text
+
+
 def test_bad_expressions_and_images(predictor, photo, tmp_path):
     image = predictor.encode(photo)
     with pytest.raises(InputError, match="empty expression"):
         image.locate("")
     with pytest.raises(InputError, match="max_regions"):
         image.dense_caption(max_regions=0)
+    for bad in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(InputError, match="min_score must be a number from 0 to 1"):
+            image.find("the cat", min_score=bad)
+    with pytest.raises(InputError, match="min_score"):
+        image.dense_caption(min_score=2)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     with pytest.raises(InputError):

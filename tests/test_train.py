@@ -111,7 +111,8 @@ def test_new_parts_train_alone_from_a_checkpoint(tmp_path, shapes):
 
 
 def test_a_failing_evaluation_does_not_end_the_run(tmp_path, shapes, capsys):
-    missing = tmp_path / "no-such-split"  # evaluation raises DataError at every step
+    missing = tmp_path / "empty-split"  # there, but holding no data: evaluation raises DataError at every step
+    missing.mkdir()
     config = TrainConfig.load(_config(tmp_path, shapes, steps=2, eval={"data": str(missing), "tasks": ["refer"],
                                                                         "every": 1}))
     last = train(config, tmp_path / "run")

@@ -9,6 +9,10 @@ from pixelllm.errors import CheckpointError
 ASSETS = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ASSETS / "default"
 SAMPLES = ASSETS / "samples"
+SHAPES_WORLD = ("The embedded model (the default) knows only a synthetic shapes world: flat circles, squares, "
+                "triangles, diamonds, stars and hexagons in 8 colors on plain backgrounds, the data it was trained "
+                "on. On photos its answers are confident and wrong: they are not meaningful.")
+"""What to tell wherever the embedded model's answers are shown."""
 
 
 def default_checkpoint() -> Path:

@@ -55,6 +55,8 @@ def load_image(src: ImageSource, *, name: str | None = None, max_pixels: int = M
         return _open(io.BytesIO(src), name or "image bytes", max_pixels)
     if isinstance(src, str | Path):
         path = Path(src)
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not an image file")
         if not path.is_file():
             raise InputError(f"image not found: {path}")
         return _open(path, name or str(path), max_pixels)

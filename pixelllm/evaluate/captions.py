@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import subprocess
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.tokenizer import ptbtokenizer
 
 from pixelllm.errors import PixelLLMError
 from pixelllm.evaluate.base import Metric, check_same_length
@@ -108,13 +110,31 @@ class MeteorScorer:
         self.close()
 
 
+PTB_TOKENIZER = "edu.stanford.nlp.process.PTBTokenizer"
+
+
 def ptb_tokenize(groups: Sequence[Sequence[str]]) -> list[list[str]]:
     """PTB-tokenize groups of sentences with one Java run: lower-cased, punctuation tokens removed,
-    tokens joined by single spaces. Returns the groups in order, each sentence tokenized."""
+    tokens joined by single spaces. Returns the groups in order, each sentence tokenized.
+
+    pycocoevalcap's ``PTBTokenizer`` with its command, jar and punctuation list, run here so that
+    the sentences go through stdin (it writes a temporary file into its installed package) and the
+    line of statistics that the tokenizer prints on stderr at every call stays out of the terminal;
+    a failure is a ``PixelLLMError`` with Java's last line.
+    """
     _require_java()
-    request = {i: [{"caption": one_line(text)} for text in group] for i, group in enumerate(groups)}
-    tokenized = PTBTokenizer().tokenize(request)
-    return [tokenized.get(i, []) for i in range(len(groups))]
+    sentences = [one_line(text) for group in groups for text in group]
+    if not sentences:
+        return [[] for _ in groups]
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    run = subprocess.run(["java", "-cp", str(jar), PTB_TOKENIZER, "-preserveLines", "-lowerCase"],
+                         input="\n".join(sentences).encode(), capture_output=True, check=False)
+    if run.returncode:
+        last = run.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise PixelLLMError(f"the PTB tokenizer (Java) failed with status {run.returncode}: {last[0]}")
+    lines = iter(run.stdout.decode().split("\n"))
+    return [[" ".join(w for w in next(lines, "").rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS)
+             for _ in group] for group in groups]
 
 
 class CaptionMetrics(Metric):

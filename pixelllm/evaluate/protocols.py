@@ -394,7 +394,8 @@ class DenseCaptionProtocol(Protocol):
                           [text for _, text in pairs])]
 
     def predict(self, predictor, encoded: list, images: list[EvalImage]) -> list[list[Region]]:
-        return predictor.dense_caption_batch(encoded)
+        """Every proposal the head gives, repeats included, as the official evaluation ranks them."""
+        return predictor.dense_caption_batch(encoded, min_score=None, deduplicate=False)
 
     def oracle(self, images: list[EvalImage]) -> list[list[Region]]:
         """The ground-truth regions as the metric merges them (mean box, first caption), score 1."""

@@ -244,7 +244,7 @@ def _authorize(request: Request, api_key: str | None) -> None:
 def _request_body(task: ServedTask) -> dict:
     """The OpenAPI request body of ``task``: multipart with the image file, or JSON with base64."""
     json_kinds = {"text": {"type": "string"}, "array": {"type": "array", "items": {"type": "number"}},
-                  "integer": {"type": "integer"}}
+                  "integer": {"type": "integer"}, "number": {"type": "number"}}
     required = ["image", *(name for name, spec in task.fields.items() if spec.required)]
     form = {name: {"type": "string", "description": spec.description + (" (a JSON array)" if spec.kind == "array"
                                                                           else "")}

@@ -129,14 +129,15 @@ def _json_fields(body: bytes) -> tuple[bytes, dict[str, Any]]:
 
 
 def _from_text(task: ServedTask, name: str, value: str) -> Any:
-    """A form field as its value: arrays and integers are written as JSON, text stays text."""
+    """A form field as its value: arrays and numbers are written as JSON, text stays text."""
     spec = task.fields.get(name)
     if spec is None or spec.kind == "text":
         return value
     try:
         return json.loads(value)
     except json.JSONDecodeError:
-        example = "a JSON array such as [10, 20, 200, 180]" if spec.kind == "array" else "an integer"
+        examples = {"array": "a JSON array such as [10, 20, 200, 180]", "integer": "an integer"}
+        example = examples.get(spec.kind, "a number")
         raise RequestError(400, f"field {name!r} must be {example}, got {value[:80]!r}") from None
 
 
@@ -164,4 +165,6 @@ def _checked(name: str, kind: str, value: Any) -> Any:
         raise RequestError(400, f"field {name!r} must be a JSON array of numbers")
     if kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
         raise RequestError(400, f"field {name!r} must be an integer")
+    if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise RequestError(400, f"field {name!r} must be a number")
     return value

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pixelllm.errors import PixelLLMError
-from pixelllm.results import dense_captions_json, location_json
+from pixelllm.results import dense_captions_json
+from pixelllm.thresholds import DENSECAP_MIN_SCORE, LOCATE_MIN_SCORE
 
 Item = tuple[Any, dict[str, Any]]  # (an RGB PIL image, the task's arguments)
 
 
 @dataclass(frozen=True)
 class Field:
-    """A request field: ``kind`` "text", "array" (a JSON array) or "integer"."""
+    """A request field: ``kind`` "text", "array" (a JSON array), "integer" or "number"."""
 
     kind: str
     description: str
@@ -107,33 +108,47 @@ def _caption(predictor, items: list[Item]) -> list[dict]:
 
 
 def _locate(predictor, items: list[Item]) -> list[dict]:
-    encoded = predictor.encode_batch([image for image, _ in items])
-    boxes = predictor.locate_batch(encoded, [[args["expression"]] for _, args in items])
-    return [location_json(args["expression"], found[0], image.size)
-            for (image, args), found in zip(items, boxes, strict=True)]
+    return [found.to_dict() for found in _by_expression(predictor, items, predictor.find_batch)]
 
 
 def _segment(predictor, items: list[Item]) -> list[dict]:
+    return [found.to_dict() for found in _by_expression(predictor, items, predictor.segment_batch)]
+
+
+def _by_expression(predictor, items: list[Item], method) -> list:
+    """``method`` (``find_batch`` or ``segment_batch``) on every item's expression, one batch per
+    distinct ``min_score`` (the Predictor takes one value for a batch)."""
     encoded = predictor.encode_batch([image for image, _ in items])
-    masks = predictor.segment_batch(encoded, [[args["expression"]] for _, args in items])
-    return [found[0].to_dict() for found in masks]
+    answers: list = [None] * len(items)
+    for min_score, rows in _groups(items, lambda args: args.get("min_score", LOCATE_MIN_SCORE)).items():
+        found = method([encoded[i] for i in rows], [[items[i][1]["expression"]] for i in rows], min_score)
+        for i, (answer,) in zip(rows, found, strict=True):
+            answers[i] = answer
+    return answers
 
 
 def _densecap(predictor, items: list[Item]) -> list[dict]:
-    """One batch per distinct ``max_regions`` (the Predictor takes one value for a batch)."""
+    """One batch per distinct ``max_regions`` and ``min_score`` (the Predictor takes one of each for a batch)."""
     encoded = predictor.encode_batch([image for image, _ in items])
-    groups: dict[int | None, list[int]] = defaultdict(list)
-    for i, (_, args) in enumerate(items):
-        groups[args.get("max_regions")].append(i)
     answers: list[dict | None] = [None] * len(items)
-    for max_regions, rows in groups.items():
-        found = predictor.dense_caption_batch([encoded[i] for i in rows], max_regions)
+    options = _groups(items, lambda args: (args.get("max_regions"), args.get("min_score", DENSECAP_MIN_SCORE)))
+    for (max_regions, min_score), rows in options.items():
+        found = predictor.dense_caption_batch([encoded[i] for i in rows], max_regions, min_score)
         for i, regions in zip(rows, found, strict=True):
             answers[i] = dense_captions_json(regions, items[i][0].size)
     return answers
 
 
+def _groups(items: list[Item], key: Callable[[dict], Hashable]) -> dict[Hashable, list[int]]:
+    """The items' indices grouped by ``key`` of their arguments, in order."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, (_, args) in enumerate(items):
+        groups[key(args)].append(i)
+    return groups
+
+
 _EXPRESSION = Field("text", "the referring expression, e.g. 'the red circle'", required=True)
+_FOUND_SCORE = Field("number", f"the least score for found: true (default {LOCATE_MIN_SCORE})")
 
 TASKS: dict[str, ServedTask] = {task.name: task for task in (
     ServedTask("caption", "a caption with a box and a point for every word", "caption_batch", _caption, {
@@ -141,11 +156,13 @@ TASKS: dict[str, ServedTask] = {task.name: task for task in (
         "point": Field("array", "[x, y]: caption the object at this point"),
         "prompt": Field("text", "the text prompt (default: the model's)"),
     }),
-    ServedTask("locate", "the box of a referring expression", "locate_batch", _locate, {"expression": _EXPRESSION}),
-    ServedTask("segment", "the box and mask (COCO RLE) of a referring expression", "segment_batch", _segment,
-               {"expression": _EXPRESSION}),
+    ServedTask("locate", "the box of a referring expression, its score and whether it is found", "find_batch",
+               _locate, {"expression": _EXPRESSION, "min_score": _FOUND_SCORE}),
+    ServedTask("segment", "the box and mask (COCO RLE) of a referring expression, its score and whether it is found",
+               "segment_batch", _segment, {"expression": _EXPRESSION, "min_score": _FOUND_SCORE}),
     ServedTask("densecap", "every object found, with a box, a score and a caption", "dense_caption_batch",
-               _densecap, {"max_regions": Field("integer", "at most this many regions")}),
+               _densecap, {"max_regions": Field("integer", "at most this many regions"),
+                           "min_score": Field("number", f"the least region score (default {DENSECAP_MIN_SCORE})")}),
 )}
 
 OTHER_SYSTEMS = {"detect": "visionllm-v2", "segment_all": "pixellm", "ask": "visionllm-v2"}

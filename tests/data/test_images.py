@@ -129,6 +129,8 @@ def test_corrupt_missing_and_wrong_type(tmp_path):
         load_image(tmp_path / "junk.jpg")
     with pytest.raises(InputError, match="not found.*nope.png"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(InputError, match="is a directory, not an image file"):
+        load_image(tmp_path)
     with pytest.raises(InputError, match="cannot use int"):
         load_image(3)
 

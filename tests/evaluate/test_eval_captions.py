@@ -142,3 +142,27 @@ def test_ptb_tokenize_lowercases_and_drops_punctuation():
         [],
         ["hello world", ""],
     ]
+
+
+def test_ptb_tokenize_matches_pycocoevalcap():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    groups = [["A red Circle, left of the \"blue\" square.", "Two (small) stars!"], ["it's -- well... 3.5 px"]]
+    official = PTBTokenizer().tokenize({i: [{"caption": text} for text in group] for i, group in enumerate(groups)})
+    assert ptb_tokenize(groups) == [official[0], official[1]]
+
+
+def test_ptb_tokenize_writes_nothing_to_the_terminal(capfd):
+    """pycocoevalcap's Java tokenizer prints a line of statistics on stderr at every call."""
+    ptb_tokenize([["A man riding a horse."]])
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_tokenizer_that_fails_is_one_error(monkeypatch):
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    from pixelllm.errors import PixelLLMError
+
+    monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
+    with pytest.raises(PixelLLMError, match=r"the PTB tokenizer \(Java\) failed with status 1: .*PTBTokenizer"):
+        ptb_tokenize([["a man"]])

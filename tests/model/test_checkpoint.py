@@ -28,7 +28,7 @@ from pixelllm.data.words import Word
 from pixelllm.errors import CheckpointError, ConfigError, PixelLLMError
 from pixelllm.model import PixelLLM
 from pixelllm.model.checkpoint import CHECKSUM_KEY, load_tensors, read_header, write_tensors
-from pixelllm.results import Caption, Region, Segmentation, location_json
+from pixelllm.results import Caption, Location, Region, Segmentation
 from pixelllm.train import TrainConfig
 
 
@@ -160,7 +160,8 @@ def test_no_result_holds_a_number_that_is_not_finite():
                   lambda: Caption("a circle", [word], (8, 8), score=-math.inf),
                   lambda: Region([0.0, 0.0, nan, 4.0], 0.5, "a circle"),
                   lambda: Segmentation("the circle", [0.0, 0.0, 4.0, 4.0], np.zeros((8, 8), bool), (8, 8), nan),
-                  lambda: location_json("the circle", [0.0, nan, 4.0, 4.0], (8, 8))):
+                  lambda: Location("the circle", [0.0, nan, 4.0, 4.0], 0.5, True, (8, 8)),
+                  lambda: Location("the circle", [0.0, 0.0, 4.0, 4.0], nan, False, (8, 8))):
         with pytest.raises(CheckpointError, match="not a finite number .*weights are likely corrupt or diverged"):
             build()
     assert Caption("a circle", [word], (8, 8)).to_dict()["words"][0]["box"] == [1.0, 2.0, 3.0, 4.0]

@@ -22,8 +22,11 @@ REQUESTS = [
     ("caption", SAMPLES / "shapes3.png", {"prompt": "an object of"}, ["--prompt", "an object of"]),
     ("locate", SAMPLES / "shapes3.png", {"expression": "the black hexagon above the red square"},
      ["the black hexagon above the red square"]),
+    ("locate", SAMPLES / "shapes1.png", {"expression": "the red circle", "min_score": "0.001"},
+     ["the red circle", "--min-score", "0.001"]),
     ("segment", PHOTOS / "chelsea.png", {"expression": "the cat"}, ["the cat"]),
     ("densecap", PHOTOS / "grace_hopper.jpg", {"max_regions": "5"}, ["--max-regions", "5"]),
+    ("densecap", SAMPLES / "shapes1.png", {"min_score": "0.1"}, ["--min-score", "0.1"]),
 ]
 
 
@@ -81,7 +84,7 @@ BAD_REQUESTS = [  # (name, method, path, httpx arguments, status, part of the me
     ("empty expression", "post", "/v1/locate", {"files": {"image": ("i", SHAPES)}, "data": {"expression": " "}}, 400,
      "empty expression"),
     ("box outside", "post", "/v1/caption", {"files": {"image": ("i", SHAPES)}, "data": {"box": "[0, 0, 9999, 10]"}},
-     400, "outside the 431x255 image"),
+     400, "extends past the right edge of the 431x255 image"),
     ("box not JSON", "post", "/v1/caption", {"files": {"image": ("i", SHAPES)}, "data": {"box": "1 2 3 4"}}, 400,
      "JSON array"),
     ("box of 3", "post", "/v1/caption", {"files": {"image": ("i", SHAPES)}, "data": {"box": "[1, 2, 3]"}}, 400,
@@ -92,6 +95,10 @@ BAD_REQUESTS = [  # (name, method, path, httpx arguments, status, part of the me
      "at least 1"),
     ("max_regions text", "post", "/v1/densecap", {"files": {"image": ("i", SHAPES)}, "data": {"max_regions": "x"}},
      400, "an integer"),
+    ("min_score text", "post", "/v1/locate", {"files": {"image": ("i", SHAPES)},
+                                              "data": {"expression": "a", "min_score": "x"}}, 400, "a number"),
+    ("min_score 2", "post", "/v1/densecap", {"files": {"image": ("i", SHAPES)}, "data": {"min_score": "2"}}, 400,
+     "min_score must be a number from 0 to 1"),
     ("repeated field", "post", "/v1/locate", {"files": [("image", ("i", SHAPES)), ("expression", (None, "a")),
                                                         ("expression", (None, "b"))]}, 400, "more than once"),
     ("two images", "post", "/v1/caption", {"files": [("image", ("i", SHAPES)), ("image", ("j", SHAPES))]}, 400,

@@ -99,6 +99,19 @@ def test_each_task_is_drawn_over_the_image(browser, url, tmp_path, task, image, 
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
 
+def test_a_referring_answer_shows_its_score_and_whether_it_was_found(browser, url):
+    answer = ask(browser, url, "locate", SAMPLES / "shapes1.png", {"expression": "the red circle"})
+    assert answer["found"] is False
+    (entry,) = drawn(browser, "#items li")
+    assert entry.text == f"{answer['score']:.3f} the red circle (not found: the box is the best guess)"
+    (box,) = drawn(browser, "#overlay .item .box")
+    assert "missing" in box.get_attribute("class").split()
+    answer = ask(browser, url, "locate", SAMPLES / "shapes1.png", {"expression": "the orange square"})
+    assert answer["found"] is True
+    assert [e.text for e in drawn(browser, "#items li")] == [f"{answer['score']:.3f} the orange square"]
+    assert "shapes world" in browser.find_element(By.CSS_SELECTOR, ".notice").text
+
+
 def test_errors_are_shown_in_the_page(browser, url, tmp_path):
     browser.get(url + "/")
     WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#task option"))

@@ -19,15 +19,7 @@ captioner gives whole-image captions what region captions have, once per object:
   one object: with the LM's cross-attention alone, the captions mixed one object's color with
   another's shape;
 - **words located on their object**: a word's box is the box of the object that best matches both
-  the state that read the word (a second match, the reader's) and the attention that wrote it;
-- **coverage** (``coverage``): the writer knows how much it has said of each object so far, as
-  See et al.'s pointer-generator keeps a coverage vector: the running sum of its attention at the
-  states that write a word about an object (a gate that learns which, from the words located on
-  an object in training: loss ``scene_about``). A gate read from the state shifts the attention by
-  ``log(1 + coverage)``, and the next word's logits also read how much of the scene is still
-  unsaid (each object weighted by a learned presence, since a proposal may be no object), so that a
-  caption can move on to the objects it has not named and end when none is left. The parts that
-  steer start at zero: a captioner given coverage starts as one without it.
+  the state that read the word (a second match, the reader's) and the attention that wrote it.
 
 In training it claims the whole-image captions (``prompt_scene``): its losses are its LM's
 label-smoothed cross-entropy (``scene_text``) plus the cross-entropy of its object logits (the
@@ -59,10 +51,8 @@ from pixelllm.model.losses import smoothed_cross_entropy
 class SceneConfig:
     objects: int = 8
     hidden: int = 128  # width of the matches between the LM's states and the objects
-    coverage: bool = False  # the writer reads how much it said of each object before (module docstring)
     text_weight: float = 1.0
     pointer_weight: float = 1.0
-    about_weight: float = 1.0  # with coverage: the gate of the states that write about an object
 
 
 @dataclass
@@ -86,7 +76,7 @@ class SceneCaptioner(Head):
 
     name = "scene"
     Config = SceneConfig
-    loss_names = ("scene_text", "scene_pointer", "scene_about")
+    loss_names = ("scene_text", "scene_pointer")
     requires = ("propose", "box_pixels")
 
     def __init__(self, config: SceneConfig, context: BuildContext):
@@ -102,14 +92,6 @@ class SceneCaptioner(Head):
         self.fuse = nn.Linear(object_dim, lm_dim)
         nn.init.zeros_(self.fuse.weight)
         nn.init.zeros_(self.fuse.bias)
-        if config.coverage:
-            self.about = nn.Linear(lm_dim, 1)  # does this state write a word about an object
-            self.coverage_gate = nn.Linear(lm_dim, 1)  # per state: how much coverage steers the attention
-            self.presence = nn.Linear(object_dim, 1)  # how much an object counts (a proposal may be none)
-            self.unsaid = nn.Linear(2, lm_dim)  # how much of the scene is left, into the next word's logits
-            for layer in (self.coverage_gate, self.presence, self.unsaid):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
 
     @classmethod
     def check(cls, config: SceneConfig, model_config) -> None:
@@ -172,12 +154,6 @@ class SceneCaptioner(Head):
                                                       model.config.label_smoothing),
                  "scene_pointer": pointer_loss(pointer, targets)}
         total = self.config.text_weight * terms["scene_text"] + self.config.pointer_weight * terms["scene_pointer"]
-        if self.config.coverage:  # position j writes labels[:, j]: is it a word on an object
-            about = self.about(hidden[:, :-1, : -objects.tokens.shape[1]])[..., 0]
-            written = (labels[:, :-1] >= 0) & (batch["caption_weight"][rows, None] > 0)
-            terms["scene_about"] = (F.binary_cross_entropy_with_logits(about[written], (targets >= 0)[written].float())
-                                    if bool(written.any()) else about.sum() * 0.0)
-            total = total + self.config.about_weight * terms["scene_about"]
         return HeadLosses(total, terms)
 
     # -- the parts -----------------------------------------------------------------------------------
@@ -205,28 +181,14 @@ class SceneCaptioner(Head):
         logits = logits.masked_fill(~valid[:, None], NEG_INF)
         return logits.view(*hidden.shape[:-1], keys.shape[1])
 
-    def write(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor,
-              coverage: torch.Tensor | None = None):
+    def write(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor):
         """The next word from hidden states ``(N, ..., D)``: its vocabulary logits ``(N, ..., V)``,
-        read from the state plus the objects it attends to, and the attention's logits ``(N, ..., K)``.
-        ``coverage (N, ..., K)``: what the states before said of each object (``said``), with
-        ``config.coverage``."""
-        base = self.match_logits(self.writer, hidden, objects, valid)
-        attention = base if coverage is None else base + self.coverage_gate(hidden.to(base.dtype)) * coverage.log1p()
+        read from the state plus the objects it attends to, and the attention's logits ``(N, ..., K)``."""
+        attention = self.match_logits(self.writer, hidden, objects, valid)
         weights = attention.softmax(-1)
         flat = weights.reshape(len(weights), -1, weights.shape[-1])
-        state = hidden + self.fuse(flat @ objects.flatten(2)).view(*hidden.shape)
-        if coverage is not None:
-            present = torch.sigmoid(self.presence(objects.flatten(2)))[..., 0] * valid  # (N, K)
-            state = state + self.unsaid(_unsaid(coverage, present)).to(state.dtype)
-        return self.language.logits(state), attention
-
-    def said(self, hidden: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """What each state ``(N, ..., D)`` adds to the coverage ``(N, ..., K)``: its match's softmax
-        (without coverage, so that a teacher-forced pass computes every position's coverage at once),
-        times the gate of the states that write about an object."""
-        base = self.match_logits(self.writer, hidden, objects, valid)
-        return base.softmax(-1) * torch.sigmoid(self.about(hidden.to(base.dtype)))
+        attended = self.fuse(flat @ objects.flatten(2)).view(*hidden.shape)
+        return self.language.logits(hidden + attended), attention
 
     def location_logits(self, states: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Object logits ``(N, ..., K)`` of the tokens that states ``(N, ..., D + K)`` (``ObjectConditionedLM``'s:
@@ -259,7 +221,7 @@ class ObjectConditionedLM:
         self.captioner, self.language = captioner, captioner.language
         self.eos_token_id = self.language.eos_token_id
         self.shape = (captioner.config.objects, tokens_per_object)
-        self.objects = self.attention = self.coverage = None
+        self.objects = self.attention = None
 
     def _objects(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, t = self.shape
@@ -269,19 +231,12 @@ class ObjectConditionedLM:
     def __call__(self, visual, prompt_ids, prompt_mask, labels):
         """Teacher-forced pass: ``(states (N, L, D + K), logits (N, L, V))``, as ``LanguageModel.forward``."""
         hidden, _ = self.language(visual, prompt_ids, prompt_mask, labels)
-        objects, valid = self._objects(visual)
-        coverage = None
-        if self.captioner.config.coverage:  # what the positions before each one said
-            added = self.captioner.said(hidden, objects, valid)
-            coverage = added.cumsum(1) - added
-        logits, attention = self.captioner.write(hidden, objects, valid, coverage)
+        logits, attention = self.captioner.write(hidden, *self._objects(visual))
         written = torch.cat([torch.zeros_like(attention[:, :1]), attention[:, :-1]], dim=1)
         return torch.cat([hidden, written.to(hidden.dtype)], dim=-1), logits
 
     def start(self, visual, prompt_ids, prompt_mask):
         self.objects = self._objects(visual)
-        if self.captioner.config.coverage:
-            self.coverage = torch.zeros_like(self.objects[1], dtype=visual.dtype)
         hidden, _, state = self.language.start(visual, prompt_ids, prompt_mask)
         return self._written(hidden, torch.zeros_like(self.objects[1], dtype=hidden.dtype), state)
 
@@ -290,16 +245,12 @@ class ObjectConditionedLM:
         return self._written(hidden, self.attention, state)
 
     def _written(self, hidden, written, state):
-        logits, self.attention = self.captioner.write(hidden, *self.objects, self.coverage)
-        if self.coverage is not None:
-            self.coverage = self.coverage + self.captioner.said(hidden, *self.objects)
+        logits, self.attention = self.captioner.write(hidden, *self.objects)
         return torch.cat([hidden, written.to(hidden.dtype)], dim=-1), logits, state
 
     def select(self, state, index):
         self.objects = tuple(x[index] for x in self.objects)
         self.attention = self.attention[index]
-        if self.coverage is not None:
-            self.coverage = self.coverage[index]
         return self.language.select(state, index)
 
 
@@ -314,15 +265,6 @@ class _ObjectBoxes(DecodeHook):
     def read(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         o = self.objects
         return self.captioner.locate(states, o.tokens[rows], o.boxes[rows], o.valid[rows])
-
-
-def _unsaid(coverage: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """How much of the scene is left: ``(..., 2)`` from ``coverage (N, ..., K)`` and how much each
-    object counts, ``present (N, K)``: the sum of ``present * exp(-coverage)`` (an object never
-    attended counts whole) over the sum of ``present``, and over ``K``."""
-    weight = present.reshape(len(present), *([1] * (coverage.dim() - 2)), present.shape[-1]).to(coverage.dtype)
-    left = ((-coverage).exp() * weight).sum(-1, keepdim=True)
-    return torch.cat([left / weight.sum(-1, keepdim=True).clamp(min=1e-6), left / coverage.shape[-1]], dim=-1)
 
 
 def pointer_targets(label_boxes: torch.Tensor, label_mask: torch.Tensor, boxes: torch.Tensor,

@@ -85,6 +85,7 @@ function showFields() {
     input.title = spec.description;
     input.required = spec.required;
     if (spec.kind === "integer") input.inputMode = "numeric";
+    if (spec.kind === "number") input.inputMode = "decimal";
     input.addEventListener("keydown", (e) => e.key === "Enter" && run());
     label.append(input);
     $("fields").append(label);
@@ -180,7 +181,9 @@ function render(answer) {
   if (answer.words) drawWords(answer.words);
   else if (answer.caption !== undefined) $("caption").textContent = answer.caption;
   const items = [];
-  if (answer.box && !answer.regions) items.push({ box: answer.box, label: answer.expression, mask: answer.mask });
+  if (answer.box && !answer.regions) {
+    items.push({ box: answer.box, label: answer.expression, score: answer.score, found: answer.found, mask: answer.mask });
+  }
   for (const r of answer.regions || []) items.push({ box: r.box, label: r.caption, score: r.score });
   for (const d of answer.detections || []) items.push({ box: d.box, label: d.label, score: d.score, mask: d.mask });
   for (const t of answer.targets || []) items.push({ box: t.box, label: answer.query, score: t.score, mask: t.mask });
@@ -250,15 +253,18 @@ function drawWords(words) {
 /** A box with its label, listed under the image; pointing at either highlights both. */
 function drawItem(item, i) {
   const group = svg("g", { class: "item" });
-  const rect = boxElement(item.box, i, "box", group);
+  const rect = boxElement(item.box, i, item.found === false ? "box missing" : "box", group);
   const label = svg("text", { x: item.box[0] + state.scale / 2, y: item.box[1] + state.scale * 3, class: "label" }, group);
   label.style.fontSize = `${state.scale * 3}px`;
-  label.textContent = item.label || "";
+  label.textContent = (item.label || "") + (item.found === false ? ": not found" : "");
   const entry = document.createElement("li");
   entry.dataset.index = i;
   entry.tabIndex = 0;
   entry.style.borderColor = color(i);
-  entry.textContent = (item.score !== undefined ? `${item.score.toFixed(2)} ` : "") + (item.label || "");
+  // a referring score (with found) is a small number; a detection score is a probability
+  const score = item.score === undefined ? "" : `${item.score.toFixed(item.found === undefined ? 2 : 3)} `;
+  const verdict = item.found === false ? " (not found: the box is the best guess)" : "";
+  entry.textContent = score + (item.label || "") + verdict;
   $("items").append(entry);
   link([entry, rect], "#items li, #overlay .item .box", i);
 }
