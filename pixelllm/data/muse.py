@@ -13,8 +13,11 @@ list, one entry per COCO image::
 
 Assumptions: ``answers[i]`` are the targets of ``questions[i]`` in the order of the ``{seg}``
 placeholders of ``text_answers[i]``; a target's ``bbox`` is COCO ``xywh`` in pixels; the image file
-is ``image_dir / basename(file_name or coco_url)``. A question whose placeholder count differs
-from its target count, or with a broken target, is skipped and counted.
+is ``image_dir / basename(file_name or coco_url)``. A question may have no target (the shapes
+world asks some: "all the green objects" in a scene without green) when its text answer says so
+without a placeholder; the official MUSE has none. A question whose placeholder count differs from
+its target count, without targets and without a text answer, or with a broken target, is skipped
+and counted.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _target(ann: dict, size: tuple[int, int]) -> Region:
 def _question(text, targets, answer, size: tuple[int, int]) -> Question:
     if not isinstance(text, str) or not text.strip():
         raise SkipRecord("empty question")
-    if not isinstance(targets, list) or not targets:
+    if not isinstance(targets, list) or not (targets or isinstance(answer, str)):
         raise SkipRecord("question without targets")
     if answer is not None and (not isinstance(answer, str) or answer.count(PLACEHOLDER) != len(targets)):
         raise SkipRecord("placeholder count differs from targets")

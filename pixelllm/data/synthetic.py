@@ -1,6 +1,6 @@
 """The shapes world: a deterministic generator of the embedded default's training data, written
 in the real formats (Localized Narratives JSONL, RefCOCO refs + COCO instances, Visual Genome
-region descriptions) with PNG images. See docs/shapes_world.md.
+region descriptions, MUSE multi-target questions) with PNG images. See docs/shapes_world.md.
 
 Every image is a pure function of ``(split, seed, index)``: the same arguments give byte-identical
 files whatever the number of workers, and the splits never share a random stream or an image id.
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pixelllm.data.shapes import formats
 from pixelllm.data.shapes.narrative import compose
+from pixelllm.data.shapes.questions import multi_target_questions
 from pixelllm.data.shapes.referring import expressions
 from pixelllm.data.shapes.scene import Scene, sample_scene
 from pixelllm.data.shapes.trace import simulate_trace, speak
@@ -58,6 +59,7 @@ class SynthSummary:
     expressions: int
     regions: int
     narratives: int
+    questions: int
     files: dict[str, str]
     seconds: float
 
@@ -69,20 +71,24 @@ def image_id(split: str, seed: int, index: int) -> int:
 
 def draw_image(split: str, seed: int, index: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Draw one image: its (H, W, 3) uint8 RGB pixels and its records in every format (keys
-    ``coco_image``, ``annotations``, ``refs``, ``vg_image``, ``vg_regions``, ``narrative``)."""
-    scene_rng, text_rng, trace_rng, refer_rng = np.random.default_rng(
+    ``coco_image``, ``annotations``, ``refs``, ``vg_image``, ``vg_regions``, ``narrative``,
+    ``muse``)."""
+    # Child streams are numbered: the fifth (questions) leaves the first four as they always were.
+    scene_rng, text_rng, trace_rng, refer_rng, question_rng = np.random.default_rng(
         [SPLIT_CODES[split], seed, index]
-    ).spawn(4)
+    ).spawn(5)
     scene, pixels = sample_scene(scene_rng)
     ident = image_id(split, seed, index)
     file_name = f"{ident}.png"
+    coco_image, annotations = formats.coco_image(ident, file_name, scene), formats.coco_annotations(scene, ident)
     return pixels, {
-        "coco_image": formats.coco_image(ident, file_name, scene),
-        "annotations": formats.coco_annotations(scene, ident),
+        "coco_image": coco_image,
+        "annotations": annotations,
         "refs": formats.refcoco_refs(scene, ident, split, expressions(scene, refer_rng)),
         "vg_image": formats.vg_image(ident, file_name, scene),
         "vg_regions": formats.vg_regions(scene, ident),
         "narrative": _narrate(scene, ident, split, text_rng, trace_rng),
+        "muse": formats.muse_entry(coco_image, annotations, scene, multi_target_questions(scene, question_rng)),
     }
 
 
@@ -196,6 +202,7 @@ def generate(
         expressions=sum(len(ref["sentences"]) for r in records for ref in r["refs"]),
         regions=sum(len(r["vg_regions"]["regions"]) for r in records),
         narratives=len(records),
+        questions=sum(len(r["muse"]["questions"]) for r in records),
         files=files,
         seconds=time.perf_counter() - started,
     )
@@ -225,5 +232,6 @@ def synth_main(
         summary = generate(Path(out_dir) / name, count, seed, name, workers=workers)
         print(
             f"{name}: {summary.images} images, {summary.objects} objects, {summary.expressions} referring "
-            f"expressions in {summary.refs} refs -> {summary.out_dir} ({summary.seconds:.1f} s)"
+            f"expressions in {summary.refs} refs, {summary.questions} multi-target questions -> "
+            f"{summary.out_dir} ({summary.seconds:.1f} s)"
         )

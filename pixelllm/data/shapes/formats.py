@@ -1,8 +1,8 @@
 """Records in the layouts of the real datasets, and the files that hold them.
 
-Inside the package boxes are ``(x0, y0, x1, y1)`` in image pixels; the COCO and Visual Genome
-records use their own ``x, y, width, height``, and Localized Narratives normalizes trace points to
-[0, 1] of the image.
+Inside the package boxes are ``(x0, y0, x1, y1)`` in image pixels; the COCO, MUSE and Visual
+Genome records use their own ``x, y, width, height``, and Localized Narratives normalizes trace
+points to [0, 1] of the image.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pixelllm.data.shapes.narrative import Word
+from pixelllm.data.shapes.questions import MultiQuestion
 from pixelllm.data.shapes.scene import Scene
 from pixelllm.data.shapes.vocab import SHAPES
 
@@ -26,6 +27,7 @@ REFS_FILE = "refcoco/refs(unc).p"
 INSTANCES_FILE = "refcoco/instances.json"
 REGIONS_FILE = "visual_genome/region_descriptions.json"
 IMAGE_DATA_FILE = "visual_genome/image_data.json"
+MUSE_FILE = "muse/shapes_{split}.json"
 IMAGES_DIR = "images"
 
 
@@ -87,6 +89,27 @@ def refcoco_refs(scene: Scene, image_id: int, split: str, sentences: list[list[s
             }
         )
     return refs
+
+
+def muse_entry(
+    image: dict[str, Any], annotations: list[dict[str, Any]], scene: Scene, questions: list[MultiQuestion]
+) -> dict[str, Any]:
+    """A MUSE image entry (PixelLM's layout, ``pixelllm.data.muse``) from the image's COCO
+    ``images`` entry and ``annotations``: ``ann_list`` holds every annotation (same ids, boxes and
+    polygons) with ``category_name`` (the shape) and ``rephrased_name`` ("{size} {color} {shape}");
+    ``answers[i]`` are the targets of ``questions[i]`` in reading order, ``text_answers[i]`` names
+    them with one ``{seg}`` each."""
+    ann_list = [
+        {**ann, "category_name": obj.shape, "rephrased_name": obj.phrase}
+        for ann, obj in zip(annotations, scene.objects, strict=True)
+    ]
+    return {
+        **image,
+        "ann_list": ann_list,
+        "questions": [q.text for q in questions],
+        "answers": [[ann_list[i] for i in q.targets] for q in questions],
+        "text_answers": [q.answer for q in questions],
+    }
 
 
 def vg_image(image_id: int, file_name: str, scene: Scene) -> dict[str, Any]:
@@ -172,8 +195,8 @@ def write_dataset(
     out_dir: Path, split: str, info: dict[str, Any], records: list[dict[str, Any]]
 ) -> dict[str, str]:
     """Write every annotation file of one split from the per-image ``records`` (each with keys
-    ``coco_image``, ``annotations``, ``refs``, ``vg_image``, ``vg_regions``, ``narrative``);
-    returns the files' paths relative to ``out_dir`` by kind."""
+    ``coco_image``, ``annotations``, ``refs``, ``vg_image``, ``vg_regions``, ``narrative``,
+    ``muse``); returns the files' paths relative to ``out_dir`` by kind."""
     files = {
         "images": IMAGES_DIR,
         "localized_narratives": LN_FILE.format(split=split),
@@ -181,6 +204,7 @@ def write_dataset(
         "coco_instances": INSTANCES_FILE,
         "vg_region_descriptions": REGIONS_FILE,
         "vg_image_data": IMAGE_DATA_FILE,
+        "muse": MUSE_FILE.format(split=split),
     }
     _write(
         out_dir / files["localized_narratives"], "".join(json.dumps(r["narrative"]) + "\n" for r in records)
@@ -200,4 +224,5 @@ def write_dataset(
     _write(out_dir / REFS_FILE, pickle.dumps(json.loads(json.dumps(refs)), protocol=2))
     _write(out_dir / REGIONS_FILE, _compact([r["vg_regions"] for r in records]))
     _write(out_dir / IMAGE_DATA_FILE, _compact([r["vg_image"] for r in records]))
+    _write(out_dir / files["muse"], _compact([r["muse"] for r in records]))
     return files
