@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a dataset")
     evaluate.add_argument("--model", default=None, help=model_help)
-    evaluate.add_argument("--task", required=True, choices=["trace", "refer", "refseg", "regioncap", "densecap"],
+    evaluate.add_argument("--task", required=True,
+                          choices=["trace", "refer", "refseg", "regioncap", "densecap", "muse"],
                           help="the task and its official metrics (docs/metrics.md)")
     evaluate.add_argument("--data", required=True, help="dataset path (see docs/metrics.md)")
     evaluate.add_argument("--split", default=None, help="RefCOCO split (val, testA, testB, test; default: the data's)")

@@ -178,7 +178,8 @@ def test_it_tells_objects_that_are_there_from_colors_and_shapes_that_are_not(pre
         colors = {color for color, _, _ in objects}
         there += [encoded.find(f"the {color} {shape}").found for color, shape, _ in objects]
         others = [color for color in COLORS if color not in colors][:4]
-        absent += [encoded.find(f"the {color} {shape}").found for color, (_, shape, _) in zip(others, objects, strict=False)]
+        absent += [encoded.find(f"the {color} {shape}").found
+                   for color, (_, shape, _) in zip(others, objects, strict=False)]
     assert len(there) >= 40 and np.mean(there) >= 0.85  # measured 100 %
     assert len(absent) >= 30 and np.mean(absent) <= 0.3  # measured 10 %; with a color the scene has, 34 %
 

@@ -10,7 +10,7 @@ from pixelllm.evaluate.base import Metric
 from pixelllm.evaluate.captions import CaptionMetrics, MeteorScorer
 from pixelllm.evaluate.densecap import DenseCaptioning
 from pixelllm.evaluate.refer import ReferringLocalization
-from pixelllm.evaluate.refseg import MultiTargetSegmentation, ReferringSegmentation
+from pixelllm.evaluate.refseg import MultiTargetSegmentation, ReferringSegmentation, TargetCounts
 from pixelllm.evaluate.trace import TracePointL1
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "MultiTargetSegmentation",
     "ReferringLocalization",
     "ReferringSegmentation",
+    "TargetCounts",
     "TracePointL1",
 ]

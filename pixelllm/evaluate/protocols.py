@@ -20,6 +20,11 @@ masks ``(H, W)``), the frame of the readers, of ``pixelllm.tasks`` and of the me
   most 40 tokens); the caption against the region's texts: ``CaptionMetrics``.
 - **densecap**: every image: the detected regions and their captions against all its regions:
   ``DenseCaptioning`` (mAP, detection mAP).
+- **muse**: every multi-target question (PixelLM's MUSE): all the segments the model answers it
+  with against all its targets: ``MultiTargetSegmentation`` (cIoU, gIoU; the IoU matching, and
+  the official matching as ``cIoU_official``, ``gIoU_official``) and ``TargetCounts`` (the share
+  of questions answered with exactly their number of targets, and of no-target questions answered
+  with no mask).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from pixelllm.evaluate.boxes import box_iou, clip_boxes, paired_box_iou
 from pixelllm.evaluate.captions import CaptionMetrics, MeteorScorer
 from pixelllm.evaluate.densecap import DenseCaptioning, merge_regions
 from pixelllm.evaluate.refer import ReferringLocalization
-from pixelllm.evaluate.refseg import ReferringSegmentation
+from pixelllm.evaluate.refseg import MultiTargetSegmentation, ReferringSegmentation, TargetCounts
 from pixelllm.evaluate.shapes import ColorShapeAccuracy, SceneCoverage, WordGrounding
 from pixelllm.evaluate.trace import TracePointL1
 from pixelllm.results import Region, Segmentation
@@ -111,6 +116,26 @@ class DenseUnit:
     captions: list[str]
 
 
+@dataclass
+class MuseUnit:
+    """A multi-target question, its answer text (``{seg}`` per target, or None) and its targets
+    in the answer's order (each with its box and mask; none for a no-target question)."""
+
+    question: str
+    answer: str | None
+    targets: list[RegionUnit]
+
+
+@dataclass
+class Segment:
+    """One segment a model answers a multi-target question with: its box ``[x0, y0, x1, y1]``, its
+    ``(H, W)`` bool mask of the original image, and its score."""
+
+    box: list[float]
+    mask: np.ndarray
+    score: float
+
+
 class Protocol(ABC):
     """One task's evaluation. ``units`` turns a sample into ground-truth units; ``predict`` (a
     model) and ``oracle`` (the ground truth itself) answer a batch of images; ``update`` feeds the
@@ -176,6 +201,16 @@ def _per_image(flat: list, images: list[EvalImage]) -> list[list]:
     """A flat list over all units cut back into one list per image."""
     items = iter(flat)
     return [[next(items) for _ in image.units] for image in images]
+
+
+def _region_mask(region, size: tuple[int, int], report: SkipReport) -> np.ndarray | None:
+    """The ``(H, W)`` bool mask of a region of an image of ``size`` ``(W, H)``, or None (counted in
+    ``report``) when it cannot be decoded."""
+    try:
+        return decode_segmentation(region.segmentation, size[1], size[0])
+    except (ValueError, TypeError):
+        report.skip("unreadable mask")
+        return None
 
 
 def _record(image: EvalImage, query, prediction, ground_truth, **scores) -> dict:
@@ -270,19 +305,12 @@ class ReferProtocol(Protocol):
     def units(self, sample: Sample, size: tuple[int, int]) -> list[ReferUnit]:
         units = []
         for region in sample.regions:
-            mask = self._mask(region, size) if self.with_masks else None
+            mask = _region_mask(region, size, self.report) if self.with_masks else None
             if self.with_masks and mask is None:
                 continue
             unit = RegionUnit(list(region.box), region.texts, mask)
             units += [ReferUnit(text, unit) for text in region.texts]
         return units
-
-    def _mask(self, region, size: tuple[int, int]) -> np.ndarray | None:
-        try:
-            return decode_segmentation(region.segmentation, size[1], size[0])
-        except (ValueError, TypeError):
-            self.report.skip("unreadable mask")
-            return None
 
     def predict(self, predictor, encoded: list, images: list[EvalImage]) -> list[list]:
         return predictor.locate_batch(encoded, self._expressions(images))
@@ -419,6 +447,66 @@ class DenseCaptionProtocol(Protocol):
         return records
 
 
+class MuseProtocol(Protocol):
+    """Multi-target segmentation: the model answers each question with any number of segments
+    (``Predictor.segment_all_batch(encoded, queries)``, one encoded image per query)."""
+
+    name = "muse"
+    headline = ("gIoU", "cIoU", "gIoU_official", "cIoU_official", "count_accuracy", "no_target_accuracy")
+    score = "question_giou"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.masks = MultiTargetSegmentation("iou")
+        self.official = MultiTargetSegmentation("official")  # its keys are renamed in ``compute``
+        self.target_counts = TargetCounts()
+        self.metrics, self.primary = [self.masks, self.target_counts], self.masks
+
+    def units(self, sample: Sample, size: tuple[int, int]) -> list[MuseUnit]:
+        """The questions whose targets all have a readable mask (the others are skipped, counted)."""
+        units = []
+        for question in sample.questions:
+            targets = [RegionUnit(list(t.box), t.texts, _region_mask(t, size, self.report)) for t in question.targets]
+            if all(target.mask is not None for target in targets):
+                units.append(MuseUnit(question.text, question.answer, targets))
+        return units
+
+    def predict(self, predictor, encoded: list, images: list[EvalImage]) -> list[list[list[Segment]]]:
+        if not hasattr(predictor, "segment_all_batch"):
+            raise InputError("muse evaluation needs a model that segments every target of a question "
+                             "(segment_all_batch); this one has no such head")
+        readers = [e for e, image in zip(encoded, images, strict=True) for _ in image.units]
+        queries = [unit.question for image in images for unit in image.units]
+        return _per_image(predictor.segment_all_batch(readers, queries), images)
+
+    def oracle(self, images: list[EvalImage]) -> list[list[list[Segment]]]:
+        return [[[Segment(t.box, t.mask, 1.0) for t in unit.targets] for unit in image.units] for image in images]
+
+    def update(self, images: list[EvalImage], answers: list[list[list[Segment]]]) -> list[dict]:
+        records = []
+        for image, image_answers in zip(images, answers, strict=True):
+            for unit, segments in zip(image.units, image_answers, strict=True):
+                batch = ([[s.mask for s in segments]], [[t.mask for t in unit.targets]])
+                self.masks.update(*batch)
+                self.official.update(*batch, [image.sample.image_id])
+                self.target_counts.update([len(segments)], [len(unit.targets)])
+                records.append(_record(image, unit.question, _segments_record(segments),
+                                       {**_segments_record(unit.targets), "answer": unit.answer},
+                                       question_giou=_alone(self.masks, *batch)["gIoU"] / 100.0))
+        return records
+
+    def compute(self) -> tuple[dict[str, float], dict[str, float]]:
+        values, counts = super().compute()
+        official = self.official.compute()
+        return {**values, "gIoU_official": official["gIoU"], "cIoU_official": official["cIoU"]}, counts
+
+
+def _segments_record(segments: list) -> dict:
+    """The boxes and mask areas of segments (or target regions), for the per-sample file."""
+    return {"count": len(segments), "boxes": [list(s.box) for s in segments],
+            "areas": [int(s.mask.sum()) for s in segments]}
+
+
 def _recall(gt_boxes: np.ndarray, pred_boxes: np.ndarray) -> float:
     """The share of ground-truth boxes that some predicted box overlaps at IoU >= ``RECALL_IOU``."""
     if not len(gt_boxes):
@@ -430,5 +518,6 @@ def _recall(gt_boxes: np.ndarray, pred_boxes: np.ndarray) -> float:
 
 PROTOCOLS: dict[str, type[Protocol]] = {
     p.name: p
-    for p in (TraceProtocol, ReferProtocol, RefsegProtocol, RegionCaptionProtocol, DenseCaptionProtocol)
+    for p in (TraceProtocol, ReferProtocol, RefsegProtocol, RegionCaptionProtocol, DenseCaptionProtocol,
+              MuseProtocol)
 }

@@ -48,9 +48,9 @@ class EvalResult:
 
     ``metrics``: the metric values (percent, except ``point_l1``: image fractions, lower is better;
     docs/metrics.md). ``num_samples``: units scored (narratives for trace, expressions for refer and
-    refseg, regions for regioncap, images for densecap). ``skipped``: every record left out, by
-    reason (bad records in the files, missing or unreadable images, ground truth the metric cannot
-    score), ``num_skipped`` their total, ``summary`` one line per stage.
+    refseg, regions for regioncap, images for densecap, questions for muse). ``skipped``: every
+    record left out, by reason (bad records in the files, missing or unreadable images, ground truth
+    the metric cannot score), ``num_skipped`` their total, ``summary`` one line per stage.
     """
 
     task: str
@@ -120,7 +120,7 @@ def evaluate(
     report_path: str | os.PathLike | None = None,
     meteor: MeteorScorer | None = None,
 ) -> EvalResult:
-    """Evaluate ``predictor`` on ``task`` (trace, refer, refseg, regioncap, densecap) over ``data``.
+    """Evaluate ``predictor`` on ``task`` (trace, refer, refseg, regioncap, densecap, muse) over ``data``.
 
     Args:
         predictor: a ``Predictor``, a ``PixelLLM`` (wrapped; its train/eval mode is restored after),

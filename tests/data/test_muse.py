@@ -53,3 +53,19 @@ def test_not_a_muse_file(tmp_path):
     (tmp_path / "m.json").write_text('{"questions": []}')
     with pytest.raises(DataError, match="m.json is not a MUSE file"):
         list(MuseReader(tmp_path / "m.json", tmp_path))
+
+
+def test_a_question_without_targets_is_kept_only_when_its_answer_says_so(tmp_path):
+    entry = {"file_name": "a.png", "height": 4, "width": 4, "ann_list": [],
+             "questions": ["all the cats", "all the dogs"], "answers": [[], []],
+             "text_answers": ["there are no cats.", "the dog {seg}."]}
+    without_texts = {**entry, "id": 2, "text_answers": None}
+    (tmp_path / "m.json").write_text(json.dumps([entry, without_texts]))
+    reader = MuseReader(tmp_path / "m.json", tmp_path)
+    (sample,) = list(reader)
+    assert [(q.text, q.answer, q.targets) for q in sample.questions] == [("all the cats", "there are no cats.", [])]
+    assert dict(reader.report.skipped) == {
+        "placeholder count differs from targets": 1,
+        "question without targets": 2,
+        "image without usable questions": 1,
+    }
