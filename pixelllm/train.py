@@ -598,6 +598,9 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> 
                                          {"best": best, **streams.state(), **report.state()}, runtime)
             model.train()
     logger.close(report.summary() + "\n" + outputs_summary(out, evaluated, best, config.eval.metric))
+    # DDP's reducer and the data workers go while every process is still in the group: a reducer
+    # freed after destroy_process_group can deadlock in the gloo group's destructor at exit.
+    del wrapped, micro_batches
     if runtime.world > 1:
         dist.barrier()
         dist.destroy_process_group()
