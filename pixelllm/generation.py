@@ -19,12 +19,13 @@ can beat the finished ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from pixelllm.model import ImageFeatures, PixelLLM, Prompts
-from pixelllm.model.decoding import NEG_INF, LanguageInputs
+from pixelllm.model.decoding import NEG_INF, DecodeHook, LanguageInputs
 
 
 @dataclass
@@ -107,7 +108,7 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
              prompt_is_point: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
              whole_image: bool = False, num_beams: int = 1, max_new_tokens: int = 40, length_penalty: float = 0.6,
              candidates_per_beam: int = 2, block_repeats: bool = True, use_cache: bool = True,
-             read: bool = True) -> GenerationOutput:
+             read: bool = True, hooks: Sequence[DecodeHook] = ()) -> GenerationOutput:
     """Decode a text and the heads' reads of its states for each of ``N`` prompts.
 
     Args:
@@ -123,8 +124,10 @@ def generate(model: PixelLLM, images: ImageFeatures, image_index: torch.Tensor, 
             hook spares that token or turns the rule off.
         use_cache: False runs the official uncached algorithm (same results, far slower).
         read: False skips the readers (text only; ``reads`` is empty).
+        hooks: more hooks for this call only, after the heads' (a head's answer format: typed slots).
     """
     inputs = model.language_inputs(images, Prompts(image_index, prompt_boxes, prompt_is_point), whole_image)
+    inputs = replace(inputs, hooks=[*inputs.hooks, *hooks])
     n = inputs.visual.shape[0]
     lm_inputs = [inputs.visual, input_ids, attention_mask]
     if num_beams > 1:

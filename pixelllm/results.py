@@ -133,6 +133,23 @@ class Region:
         return {"box": rounded(self.box), "score": round(float(self.score), 4), "caption": self.caption}
 
 
+@dataclass
+class Detection:
+    """A detected object: the ``label`` it was asked for, its ``box``, a ``score`` in (0, 1] and its
+    ``mask`` (``(H, W)`` bool) when the model gives one."""
+
+    label: str
+    box: list[float]
+    score: float
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        finite([*self.box, self.score], f"the box or score of a detected {self.label!r}")
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "box": rounded(self.box), "score": round(float(self.score), 4),
+                "mask": None if self.mask is None else mask_rle(self.mask)}
+
 
 def dense_captions_json(regions: list[Region], image_size: tuple[int, int]) -> dict:
     """The ``densecap`` JSON of INTERFACE.md."""

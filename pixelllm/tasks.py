@@ -8,6 +8,8 @@
     image.find("the red circle")                 # Location(box, score, found): is it there at all?
     image.segment("the red circle")              # Segmentation(box, mask, score, found)
     image.dense_caption()                        # [Region(box, score, caption)], scores from 0.4
+    image.detect(["circle", "red star"])         # [Detection(label, box, score, mask)]: models whose
+                                                 # answers are written in location tokens
     encoded = predictor.encode_batch(paths)      # many images in one pass, then all their prompts
     predictor.locate_batch(encoded, texts)       # in one pass (texts[i] on encoded[i]); likewise
                                                  # find_batch, caption_batch, caption_regions_batch,
@@ -17,7 +19,9 @@ Every coordinate in and out is in pixels of the original image. Decoding follows
 settings: captions beam 4 with length penalty 0.6; region and dense captions greedy, at most 40
 tokens. A referring expression is not decoded: as the official inference does for RefCOCO, the
 model reads the expression itself (teacher-forced under the "where is ..." prompt) and its box is
-the one at the expression's last word.
+the one at the expression's last word. A model with a head that writes boxes as tokens (the
+capabilities ``locate`` and ``detect``) decodes them instead: greedy, the head's grammar as decoding
+hooks, and the head reads the boxes back from the tokens.
 
 A referring expression always gets a box, whether or not the image holds what it names; its score
 (``find_batch``) tells the two apart; ``pixelllm.thresholds`` holds the thresholds measured on the
@@ -41,7 +45,7 @@ from pixelllm.errors import InputError
 from pixelllm.generation import GenerationOutput, generate, teacher_forced_reads, teacher_forced_states
 from pixelllm.model import ImageFeatures, PixelLLM, Prompts
 from pixelllm.model.boxes import box_area
-from pixelllm.results import Caption, Location, Region, Segmentation
+from pixelllm.results import Caption, Detection, Location, Region, Segmentation
 from pixelllm.thresholds import DENSECAP_MIN_SCORE, LOCATE_MIN_SCORE
 from pixelllm.tokenization import encode_prompt
 
@@ -141,9 +145,41 @@ class Predictor:
         return _per_image(captions, [len(b) for b in boxes])
 
     def locate_batch(self, encoded: list[EncodedImage], expressions) -> list[list[list[float]]]:
-        """The box of every expression ``expressions[i][j]`` on ``encoded[i]``, all read in one pass."""
+        """The box of every expression ``expressions[i][j]`` on ``encoded[i]``, all read in one pass
+        (or, with a head that writes boxes as tokens, all decoded in one batch)."""
+        if self.model.has_capability("locate"):
+            pairs = [(e, _check_text(text, "expression")) for e, texts in zip(encoded, expressions, strict=True)
+                     for text in texts]
+            written = self._answer([e for e, _ in pairs], self.model.capability("locate")([t for _, t in pairs]))
+            boxes = [found[0][1] if found else _clip_box(e.transform.boxes_to_original(e.transform.valid_box),
+                                                         e.image_size)
+                     for (e, _), found in zip(pairs, written, strict=True)]
+            return _per_image(boxes, [len(x) for x in expressions])
         read = self._read_expressions(encoded, expressions)
         return _per_image(read.boxes if read else [], [len(x) for x in expressions])
+
+    def detect_batch(self, encoded: list[EncodedImage], labels) -> list[list[Detection]]:
+        """The objects of the classes ``labels[i]`` (names) on ``encoded[i]``, decoded in one batch
+        (the capability ``detect``); each detection's score is its answer's (the geometric mean of
+        its tokens' probabilities)."""
+        labels = [[_check_text(label, "label") for label in names] for names in labels]
+        written = self._answer(list(encoded), self.model.capability("detect")(labels))
+        return [[Detection(label, box, score) for label, box, score in found] for found in written]
+
+    @torch.no_grad()
+    def _answer(self, encoded: list[EncodedImage], answers) -> list[list[tuple[str | None, list[float], float]]]:
+        """Decode ``answers`` (a head's answers in location tokens: its prompts, hooks and reader) on
+        ``encoded[i]`` for row ``i``: each row's ``(label, box in original pixels, score)``."""
+        requests = [(e, _Prompt(e._trace_prompt().box, False, text))
+                    for e, text in zip(encoded, answers.prompts, strict=True)]
+        out = self._generate(requests, num_beams=1, max_new_tokens=answers.max_new_tokens, hooks=answers.hooks)
+        written = []
+        for row, e in enumerate(encoded):
+            score = math.exp(float(out.scores[row]))
+            found = answers.read(row, out.sequences[row], e.transform.valid_box[2:])
+            written.append([(label, _clip_box(e.transform.boxes_to_original(box), e.image_size), score)
+                            for label, box in found])
+        return written
 
     def find_batch(self, encoded: list[EncodedImage], expressions,
                    min_score: float = LOCATE_MIN_SCORE) -> list[list[Location]]:
@@ -343,6 +379,10 @@ class EncodedImage:
     def segment(self, expression: str, min_score: float = LOCATE_MIN_SCORE) -> Segmentation:
         """The box and ``(H, W)`` bool mask of a referring expression, with its score and ``found``."""
         return self.predictor.segment_batch([self], [[expression]], min_score)[0][0]
+
+    def detect(self, labels) -> list[Detection]:
+        """The objects of the classes ``labels`` (names) on this image (``Predictor.detect_batch``)."""
+        return self.predictor.detect_batch([self], [labels])[0]
 
     def dense_caption(self, max_regions: int | None = None, min_score: float | None = DENSECAP_MIN_SCORE,
                       **decoding) -> list[Region]:

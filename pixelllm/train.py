@@ -60,8 +60,10 @@ from pixelllm.data.streams import ShardStream, Streams
 from pixelllm.data.targets import TASKS
 from pixelllm.errors import CheckpointError, ConfigError, PixelLLMError
 from pixelllm.files import atomic_write_text, finish, recover, swap_in
+from pixelllm.locations import LocationFormat
 from pixelllm.model import PixelLLM, build_from_pretrained_parts, build_model
 from pixelllm.model.checkpoint import load_tensors, resolve, write_tensors
+from pixelllm.model.heads import head_configs
 from pixelllm.tokenization import train_tokenizer
 
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
@@ -308,9 +310,16 @@ def load_sources(config: TrainConfig, tokenizer, model_config: PixelLLMConfig) -
         augment = Augment(**{**dataclasses.asdict(DEFAULT_AUGMENT[spec.task]), **(spec.augment or {})})
         task = TaskConfig(spec.task, model_config.image_size, max_prompts=spec.max_prompts,
                           prompts=model_config.prompts, augment=augment, refer_text_loss=spec.refer_text_loss,
-                          pixel_scale=model_config.pixel_scale)
+                          pixel_scale=model_config.pixel_scale, locations=location_format(model_config))
         sources.append((samples, ExampleBuilder(tokenizer, task, name=f"{spec.task}:{spec.data}")))
     return sources
+
+
+def location_format(model_config: PixelLLMConfig) -> LocationFormat | None:
+    """How the model's heads write boxes as tokens (the last head whose config has a
+    ``LocationFormat`` as ``locations``), or None when none does."""
+    formats = [getattr(head_config, "locations", None) for _, head_config in head_configs(model_config).values()]
+    return next((f for f in reversed(formats) if isinstance(f, LocationFormat)), None)
 
 
 def _dataset_samples(spec: DatasetConfig) -> tuple[list | ShardReader, SkipReport]:

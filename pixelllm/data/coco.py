@@ -145,7 +145,8 @@ def annotation_region(
 class CocoInstancesReader(Reader):
     """Samples (one per image with at least one usable annotation) from a COCO instances file.
 
-    Each annotation becomes a ``Region`` with its box, its category name as text and its mask.
+    Each annotation becomes a ``Region`` with its box, its category name as text and its mask; an
+    annotation with a ``color`` (the shapes world writes one) has its color and name as a second text.
     Crowd annotations are skipped unless ``include_crowd``; bad annotations are skipped and counted.
     """
 
@@ -165,7 +166,10 @@ class CocoInstancesReader(Reader):
         def region(ann: dict, size: tuple[int, int]) -> Region:
             if ann.get("iscrowd") and not self.include_crowd:
                 raise SkipRecord("crowd annotation")
-            return annotation_region(ann, size, [coco.category_names.get(ann.get("category_id"), "")])
+            name = coco.category_names.get(ann.get("category_id"), "")
+            color = ann.get("color")  # the shapes world's attribute: a finer name, "red star"
+            texts = [name, f"{color} {name}"] if isinstance(color, str) and name else [name]
+            return annotation_region(ann, size, texts)
 
         yield from image_samples(coco.images.values(), coco.annotations_by_image, region, self)
 

@@ -3,7 +3,8 @@
 Keys, dtypes and shapes are those of docs/architecture.md ("The batch contract"): ``B`` images,
 ``N`` prompts over all of them, ``Lp`` prompt and ``Lt`` target tokens, canvas ``S``. The optional
 keys appear only when some example has them: ``gt_masks``/``mask_weight`` when a prompt has a mask,
-``gt_boxes``/``gt_boxes_mask``/``detection_weight`` when an image has detection targets.
+``gt_boxes``/``gt_boxes_mask``/``detection_weight`` when an image has detection targets,
+``answer_weight`` when a prompt's answer is written in location tokens (tasks locate, detect).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def collate(examples: Sequence[Example | Skip | None], pad_token_id: int = 0) ->
             if p.mask is not None:
                 batch["gt_masks"][i] = torch.from_numpy(p.mask)
         batch["mask_weight"] = torch.tensor([p.mask_weight for _, p in prompts], dtype=torch.float32)
+    if any(p.answer_weight > 0 for _, p in prompts):
+        batch["answer_weight"] = torch.tensor([p.answer_weight for _, p in prompts], dtype=torch.float32)
     if any(e.targets.detection_weight > 0 or len(e.targets.gt_boxes) for e in examples):
         m = max(len(e.targets.gt_boxes) for e in examples)
         batch["gt_boxes"] = torch.zeros((len(examples), m, 4), dtype=torch.float32)

@@ -77,6 +77,8 @@ LAYOUTS = {
     "region": ("vg", "grit", "refcoco", "mdetr", "coco", "shards"),  # the training task of region captions
     "densecap": ("vg", "grit", "coco", "shards"),
     "muse": ("muse", "shards"),
+    "locate": ("refcoco", "mdetr", "shards"),
+    "detect": ("coco", "shards"),
 }
 EXPECTED = {
     "narratives": "a Localized Narratives .jsonl file (or a folder of them)",

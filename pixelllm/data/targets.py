@@ -12,6 +12,16 @@
 - region: "an object of" with the region's box as location prompt -> the region's text; caption loss.
 - densecap: region prompts for the sampled regions, and every region box as ``gt_boxes``;
   caption + detection loss.
+- locate: "locate {expression}" on the whole image -> the object's box in location tokens
+  (``pixelllm.locations``); the answer loss (``answer_weight``) of a head that writes them.
+- detect: "detect <c0>: circle, <c1>: red star" on the whole image (the image's category names, or
+  with ``rng`` for half of them the finer names of their regions, such as "red star"; in a random
+  order with ``rng``, else as they first appear; at most as many as there are class tokens)
+  -> each object of those classes as its class token then its box, by class slot, then top to
+  bottom and left to right; the answer loss.
+
+locate and detect need the ``LocationFormat`` (``locations``) of the model's head; their tokens are
+fractions of the image, so the image may be resized but not cropped or flipped.
 
 Candidates are narratives (trace), captions (caption), or ``(region, text)`` pairs; ``max_prompts``
 keeps a random subset (with ``rng``) or the first ones (without).
@@ -28,12 +38,14 @@ from transformers import PreTrainedTokenizerBase
 from pixelllm.config import DEFAULT_PROMPTS
 from pixelllm.data.coco import decode_segmentation
 from pixelllm.data.ln import ALIGNMENTS
-from pixelllm.data.samples import Sample
+from pixelllm.data.samples import Region, Sample
 from pixelllm.data.transforms import CanvasTransform, clip_boxes, touches
 from pixelllm.errors import ConfigError
+from pixelllm.locations import LocationFormat, locate_prompt
 from pixelllm.tokenization import encode_prompt, encode_target
 
-TASKS = ("trace", "caption", "refer", "refseg", "region", "densecap")
+LOCATION_TASKS = ("locate", "detect")
+TASKS = ("trace", "caption", "refer", "refseg", "region", "densecap", *LOCATION_TASKS)
 
 
 @dataclass
@@ -43,6 +55,7 @@ class PromptTarget:
     Coordinates are in the frame of the enclosing ``ImageTargets`` (original or canvas pixels).
     ``label_boxes`` float64 ``(Lt, 4)`` and ``label_box_mask`` bool ``(Lt,)`` align with
     ``label_ids`` (tokens then EOS); ``mask`` is bool ``(H, W)`` (original) or ``(S, S)`` (canvas).
+    ``text``: the target's text (locate: the expression, whose answer is its box; detect: the answer).
     ``region`` is the index in ``sample.regions`` of the object the prompt is about.
     """
 
@@ -61,6 +74,7 @@ class PromptTarget:
     region: int | None = None
     region_id: str | None = None
     target_box: np.ndarray | None = None  # the object's box in original pixels (evaluation)
+    answer_weight: float = 0.0  # the answer is written in location tokens (tasks locate, detect)
 
 
 @dataclass
@@ -85,14 +99,19 @@ def build_targets(
     alignment: str = "official",
     prompts: dict[str, str] | None = None,
     refer_text_loss: bool = False,
+    locations: LocationFormat | None = None,
 ) -> ImageTargets:
     """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``.
 
     ``refer_text_loss``: referring expressions also train the text (the official ref stage trains
-    the location only; inference reads the expression teacher-forced either way).
+    the location only; inference reads the expression teacher-forced either way). ``locations``:
+    how the tasks locate and detect write boxes.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task in LOCATION_TASKS:
+        return _location_targets(sample, task, tokenizer, image_size, _checked(locations, tokenizer, task),
+                                 rng, max_prompts, max_text_tokens)
     if alignment not in ALIGNMENTS:
         raise ConfigError(f"unknown LN alignment {alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
     builder = _Builder(tokenizer, image_size, max_text_tokens, {**DEFAULT_PROMPTS, **(prompts or {})},
@@ -118,6 +137,65 @@ def build_targets(
         targets.gt_boxes = np.array([r.box for r in sample.regions], dtype=np.float64).reshape(-1, 4)
         targets.detection_weight = 1.0
     return targets
+
+
+def _checked(locations: LocationFormat | None, tokenizer: PreTrainedTokenizerBase, task: str) -> LocationFormat:
+    """``locations``, once sure that the tokenizer has its special tokens."""
+    if locations is None:
+        raise ConfigError(f"task {task} writes boxes as location tokens: it needs the model's location format")
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in locations.bin_tokens()[:1] + locations.class_tokens()[:1] if t not in vocab]
+    if missing:
+        raise ConfigError(f"task {task}: the tokenizer lacks {missing[0]}; build the model with a head that "
+                          "writes location tokens first")
+    return locations
+
+
+def _location_targets(sample: Sample, task: str, tokenizer: PreTrainedTokenizerBase, image_size: tuple[int, int],
+                      locations: LocationFormat, rng: np.random.Generator | None, max_prompts: int | None,
+                      max_text_tokens: int) -> ImageTargets:
+    """The prompts of ``locate`` (one per expression) or ``detect`` (one per image), answered in
+    location tokens of boxes in the frame of the whole image ``image_size``."""
+    whole = np.array([0.0, 0.0, *image_size], dtype=np.float64)
+
+    def prompt(prompt_text: str, answer: str, text: str, **extra) -> PromptTarget:
+        ids = encode_target(tokenizer, answer, max_text_tokens).ids
+        return PromptTarget(task, text, encode_prompt(tokenizer, prompt_text), whole, ids,
+                            np.zeros((len(ids), 4)), np.zeros(len(ids), bool), 0.0, 0.0, answer_weight=1.0, **extra)
+
+    if task == "locate":
+        pairs = _choose([(i, text) for i, region in enumerate(sample.regions) for text in region.texts],
+                        max_prompts, rng)
+        return ImageTargets("original", [
+            prompt(locate_prompt(text), locations.answer([(None, sample.regions[i].box)], image_size), text, region=i,
+                   region_id=sample.regions[i].region_id, target_box=np.asarray(sample.regions[i].box, np.float64))
+            for i, text in pairs])
+    named = _detection_labels(sample, rng)
+    labels = list(dict.fromkeys(label for label, _ in named))
+    if rng is not None:
+        labels = [labels[i] for i in rng.permutation(len(labels))]
+    slots = {label: k for k, label in enumerate(labels[: locations.num_class_tokens])}
+    objects = sorted((slots[label], r.box[1], r.box[0], r.box) for label, r in named if label in slots)
+    if not objects:
+        return ImageTargets("original", [])
+    answer = locations.answer([(slot, box) for slot, _, _, box in objects], image_size)
+    return ImageTargets("original", [prompt(locations.detect_prompt(list(slots)), answer, answer)])
+
+
+def _detection_labels(sample: Sample, rng: np.random.Generator | None) -> list[tuple[str, Region]]:
+    """Each named region with the label detection asks for it by: its category (``texts[0]``), or,
+    for half of the categories drawn with ``rng`` whose every region has one, its finer name
+    (``texts[1]``: the COCO reader's color and category, "red star"), so that every region of a
+    category answers to exactly one label of the instruction."""
+    by_category: dict[str, list[Region]] = {}
+    for region in sample.regions:
+        if region.texts:
+            by_category.setdefault(region.texts[0], []).append(region)
+    named = []
+    for category, regions in by_category.items():
+        fine = rng is not None and all(len(r.texts) > 1 for r in regions) and rng.random() < 0.5
+        named += [(r.texts[1] if fine else category, r) for r in regions]
+    return named
 
 
 def _choose(items: list, limit: int | None, rng: np.random.Generator | None) -> list:

@@ -115,7 +115,7 @@ def load(cls, name_or_path: str | os.PathLike, device: str | torch.device | None
     model = _build(cls, config, load_tokenizer(directory), directory, against)
     _check_shapes(header, model.state_dict(), weights, against)
     try:
-        missing, unexpected = load_model(model, weights, strict=False)
+        missing, unexpected = _load_weights(model, weights)
     except (RuntimeError, ValueError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"{weights} cannot be loaded into {against}: {_first_line(exc)}") from None
     if unexpected:
@@ -127,12 +127,33 @@ def load(cls, name_or_path: str | os.PathLike, device: str | torch.device | None
     _check_finite(model, header, weights)
     for name, head in model.heads.items():
         prefix = f"heads.{name}."
-        new = [key[len(prefix):] for key in missing if key.startswith(prefix)]
+        new = [key[len(prefix):] for key in missing if key.startswith(prefix) and ".lora_" not in key]  # LoRA: fresh
         if new:
             head.start_from(model, new)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _load_weights(model, weights: Path) -> tuple[list[str], list[str]]:
+    """``load_model`` (not strict), then the weight of each layer that LoRA wraps in ``model`` but not in
+    the file (a config with ``lora_rank`` over a checkpoint trained without it) into its base layer:
+    ``...q.weight`` -> ``...q.base_layer.weight``. The names still missing and unexpected."""
+    missing, unexpected = load_model(model, weights, strict=False)
+    renamed = {key: based for key in unexpected if (based := _base_layer_name(key)) in missing}
+    if renamed:
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as file:
+            model.load_state_dict({based: file.get_tensor(key) for key, based in renamed.items()}, strict=False)
+        missing = [key for key in missing if key not in renamed.values()]
+        unexpected = [key for key in unexpected if key not in renamed]
+    return missing, unexpected
+
+
+def _base_layer_name(key: str) -> str:
+    module, _, name = key.rpartition(".")
+    return f"{module}.base_layer.{name}"
 
 
 def load_tokenizer(directory: Path):

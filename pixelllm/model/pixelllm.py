@@ -105,6 +105,10 @@ class PixelLLM(KeepsFrozenInEval):
         hooks = [hook for head in self.heads.values() for hook in head.decode_hooks(self, images, prompts)]
         return LanguageInputs(self.language, self.visual_tokens(images, prompts), hooks)
 
+    def has_capability(self, name: str) -> bool:
+        """Whether a head provides the entry point ``name``."""
+        return any(name in head.provided(head.config) for head in self.heads.values())
+
     def capability(self, name: str, before: Head | None = None):
         """The entry point ``name`` of the last head that provides it (of those before ``before``),
         bound to this model; ``InputError`` when no head does."""

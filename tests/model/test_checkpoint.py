@@ -318,3 +318,16 @@ def test_the_cli_prints_one_error_line(saved, tmp_path, capsys):
         assert main(["caption", str(image), "--model", str(model), "--json"]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_lora_over_a_checkpoint_trained_without_it_keeps_every_weight():
+    from pixelllm.assets import DEFAULT_CHECKPOINT
+
+    plain = PixelLLM.from_pretrained(DEFAULT_CHECKPOINT)  # its scene captioner has an LM of its own
+    config = PixelLLMConfig.from_dict({**plain.config.to_dict(), "lora_rank": 4})
+    state = PixelLLM.from_pretrained(DEFAULT_CHECKPOINT, config=config).state_dict()
+    for key, value in plain.state_dict().items():
+        module, _, name = key.rpartition(".")
+        assert torch.equal(state[key] if key in state else state[f"{module}.base_layer.{name}"], value), key
+    assert sum(".lora_B." in key for key in state) == 24 and all(
+        not value.any() for key, value in state.items() if ".lora_B." in key)  # fresh: the layers unchanged

@@ -26,6 +26,7 @@ BUILT_IN = {
     "mask_refiner": "pixelllm.model.heads.mask_refiner:MaskRefiner",
     "refer_reranker": "pixelllm.model.heads.refer_reranker:ReferReranker",
     "scene": "pixelllm.model.heads.scene:SceneCaptioner",
+    "location_tokens": "pixelllm.model.heads.location_tokens:LocationTokensHead",
 }
 CLASS_KEY = "class"
 TRUNK_OPTIONS = {"box_pixels": lambda config: config.extractor.box_pixels > 0}
