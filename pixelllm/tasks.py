@@ -453,11 +453,12 @@ class EncodedImage:
         return "{}x{}".format(*self.image_size)
 
 
-def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Predictor:
-    """Load a checkpoint directory (default: the embedded model that ships with the package)."""
-    from pixelllm.assets import DEFAULT_CHECKPOINT, default_checkpoint
+def load(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None) -> Predictor:
+    """Load an embedded system by name (``"pixelllm"``, the default), a checkpoint directory or a
+    Hugging Face repository id (``pixelllm.assets.system_checkpoint``)."""
+    from pixelllm.assets import DEFAULT_CHECKPOINT, system_checkpoint
 
-    checkpoint = path or default_checkpoint()
+    checkpoint = system_checkpoint(name_or_path)
     embedded = Path(checkpoint).resolve() == DEFAULT_CHECKPOINT.resolve()
     return Predictor(PixelLLM.from_pretrained(checkpoint), device=device, embedded=embedded)
 

@@ -315,3 +315,18 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(checkpoint, real_data
         done.stdout.close()  # a reader that has read nothing and gone
         err = done.stderr.read().decode()
     assert done.returncode == 141 and "Traceback" not in err, err
+
+
+def test_the_systems_load_by_name(capsys, real_data, tmp_path, monkeypatch):
+    from pixelllm.assets import DEFAULT_CHECKPOINT, system_checkpoint
+
+    assert system_checkpoint("pixelllm") == system_checkpoint(None) == DEFAULT_CHECKPOINT
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pixelllm").mkdir()  # a directory of that name (the package's, in a checkout) does not shadow it
+    photo = str(real_data / "photos" / "chelsea.png")
+    by_name, default = (run(capsys, "caption", photo, "--json", *model)[1] for model in (["--model", "pixelllm"], []))
+    assert by_name == default and json.loads(by_name)["caption"]
+    for name, issue in (("pixellm", 29), ("visionllm-v1", 28), ("VisionLLM-v2", 30)):
+        code, _, err = run(capsys, "locate", photo, "the cat", "--model", name)
+        assert code == 2 and err.startswith(f"error: the system '{name.lower()}' is not embedded yet (issue {issue})")
+        assert err.count("\n") == 1
