@@ -28,17 +28,6 @@ SEED = 7
 IMAGES = 24
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shapes") / "train"
-    generate(out, IMAGES, SEED, "train", workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def coco(world: Path) -> COCO:
-    return COCO(str(world / "refcoco" / "instances.json"))
-
 
 class _BuiltinsOnly(pickle.Unpickler):
     """Refuses every global but a few builtin containers and scalars."""

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pycocotools.coco import COCO
 
 from pixelllm.data.coco import decode_segmentation
@@ -31,17 +30,6 @@ FORMS = {
 # MUSE file was added (numpy, Pillow and pycocotools of constraints.txt).
 OTHER_FILES_SHA256 = "005a0351c9258db003235d041fd91947b040268b2586966e1d12cc64431a05a5"
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shapes") / "train"
-    generate(out, IMAGES, SEED, "train", workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def coco(world: Path) -> COCO:
-    return COCO(str(world / "refcoco" / "instances.json"))
 
 
 def _muse_path(world: Path) -> Path:
