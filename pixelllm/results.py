@@ -151,6 +151,28 @@ class Detection:
                 "mask": None if self.mask is None else mask_rle(self.mask)}
 
 
+@dataclass
+class Segment:
+    """One target of a multi-target question (``segment_all``): its box ``[x0, y0, x1, y1]`` (the
+    mask's extent; ``[0, 0, 0, 0]`` for an empty mask), its ``(H, W)`` bool mask of the original
+    image and its score."""
+
+    box: list[float]
+    mask: np.ndarray
+    score: float
+
+    def __post_init__(self) -> None:
+        finite([*self.box, self.score], "a segment's box or score")
+
+    def to_dict(self) -> dict:
+        return {"box": rounded(self.box), "mask": mask_rle(self.mask), "score": round(float(self.score), 4)}
+
+
+def segment_all_json(query: str, segments: list[Segment], image_size: tuple[int, int]) -> dict:
+    """The ``segment --all`` JSON of INTERFACE.md."""
+    return {"query": query, "targets": [s.to_dict() for s in segments], "image_size": list(image_size)}
+
+
 def dense_captions_json(regions: list[Region], image_size: tuple[int, int]) -> dict:
     """The ``densecap`` JSON of INTERFACE.md."""
     return {"regions": [r.to_dict() for r in regions], "image_size": list(image_size)}

@@ -45,7 +45,7 @@ from pixelllm.errors import InputError
 from pixelllm.generation import GenerationOutput, generate, teacher_forced_reads, teacher_forced_states
 from pixelllm.model import ImageFeatures, PixelLLM, Prompts
 from pixelllm.model.boxes import box_area
-from pixelllm.results import Caption, Detection, Location, Region, Segmentation
+from pixelllm.results import Caption, Detection, Location, Region, Segment, Segmentation
 from pixelllm.thresholds import DENSECAP_MIN_SCORE, LOCATE_MIN_SCORE
 from pixelllm.tokenization import encode_prompt
 
@@ -170,9 +170,8 @@ class Predictor:
     def _answer(self, encoded: list[EncodedImage], answers) -> list[list[tuple[str | None, list[float], float]]]:
         """Decode ``answers`` (a head's answers in location tokens: its prompts, hooks and reader) on
         ``encoded[i]`` for row ``i``: each row's ``(label, box in original pixels, score)``."""
-        requests = [(e, _Prompt(e._trace_prompt().box, False, text))
-                    for e, text in zip(encoded, answers.prompts, strict=True)]
-        out = self._generate(requests, num_beams=1, max_new_tokens=answers.max_new_tokens, hooks=answers.hooks)
+        out = self._generate(_on_whole_images(encoded, answers.prompts), num_beams=1,
+                             max_new_tokens=answers.max_new_tokens, hooks=answers.hooks)
         written = []
         for row, e in enumerate(encoded):
             score = math.exp(float(out.scores[row]))
@@ -180,6 +179,23 @@ class Predictor:
             written.append([(label, _clip_box(e.transform.boxes_to_original(box), e.image_size), score)
                             for label, box in found])
         return written
+
+    @torch.no_grad()
+    def segment_all_batch(self, encoded: list[EncodedImage], queries, **decoding) -> list[list[Segment]]:
+        """Every target that ``queries[i]`` names on ``encoded[i]`` (any number, ``[]`` for none), in
+        the order its answer names them: the answers decoded in one batch with the capability
+        ``codebook_answers`` (each started codebook group completed), then every group's mask in one
+        pass (``codebook_masks``). A segment's box is its mask's extent, its score the mean
+        probability over the pixels it claims."""
+        queries = [_check_text(query, "query") for query in queries]
+        if not queries:
+            return []
+        answers = self.model.capability("codebook_answers")(queries)
+        out = self._generate(_on_whole_images(encoded, answers.prompts), num_beams=1,
+                             max_new_tokens=answers.max_new_tokens, hooks=answers.hooks, **decoding)
+        features, index = _stack(list(encoded))
+        logits = self.model.capability("codebook_masks")(features, index, out.sequences, out.reads[answers.reader])
+        return [[_segment(mask, e.transform) for mask in row] for row, e in zip(logits, encoded, strict=True)]
 
     def find_batch(self, encoded: list[EncodedImage], expressions,
                    min_score: float = LOCATE_MIN_SCORE) -> list[list[Location]]:
@@ -380,6 +396,10 @@ class EncodedImage:
         """The box and ``(H, W)`` bool mask of a referring expression, with its score and ``found``."""
         return self.predictor.segment_batch([self], [[expression]], min_score)[0][0]
 
+    def segment_all(self, query: str, **decoding) -> list[Segment]:
+        """Every target of ``query`` ("all the red objects"), any number (``Predictor.segment_all_batch``)."""
+        return self.predictor.segment_all_batch([self], [query], **decoding)[0]
+
     def detect(self, labels) -> list[Detection]:
         """The objects of the classes ``labels`` (names) on this image (``Predictor.detect_batch``)."""
         return self.predictor.detect_batch([self], [labels])[0]
@@ -484,6 +504,21 @@ def _per_image(results: list, counts: list[int]) -> list[list]:
         groups.append(results[start : start + count])
         start += count
     return groups
+
+
+def _on_whole_images(encoded: list[EncodedImage], prompts: list[str]) -> list[tuple[EncodedImage, _Prompt]]:
+    """Decoding requests: text prompt ``prompts[i]`` on the whole of ``encoded[i]`` (not a caption of it)."""
+    return [(e, _Prompt(e._trace_prompt().box, False, text)) for e, text in zip(encoded, prompts, strict=True)]
+
+
+def _segment(logits: torch.Tensor, transform: CanvasTransform) -> Segment:
+    """``logits (S, S)`` of one target on the canvas as a ``Segment`` in original pixels."""
+    mask = transform.mask_to_original(logits)
+    claimed = logits > 0
+    score = float(torch.sigmoid(logits[claimed]).mean()) if bool(claimed.any()) else 0.0
+    ys, xs = np.nonzero(mask)
+    box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)] if len(xs) else [0.0] * 4
+    return Segment(box, mask, score)
 
 
 def _without_repeats(regions: list[Region]) -> list[Region]:

@@ -51,7 +51,7 @@ from pixelllm.evaluate.refer import ReferringLocalization
 from pixelllm.evaluate.refseg import MultiTargetSegmentation, ReferringSegmentation, TargetCounts
 from pixelllm.evaluate.shapes import ColorShapeAccuracy, SceneCoverage, WordGrounding
 from pixelllm.evaluate.trace import TracePointL1
-from pixelllm.results import Region, Segmentation
+from pixelllm.results import Region, Segment, Segmentation
 from pixelllm.tokenization import encode_target
 
 RECALL_IOU = 0.5  # densecap's per-image score: the share of regions some prediction finds at this IoU
@@ -124,16 +124,6 @@ class MuseUnit:
     question: str
     answer: str | None
     targets: list[RegionUnit]
-
-
-@dataclass
-class Segment:
-    """One segment a model answers a multi-target question with: its box ``[x0, y0, x1, y1]``, its
-    ``(H, W)`` bool mask of the original image, and its score."""
-
-    box: list[float]
-    mask: np.ndarray
-    score: float
 
 
 class Protocol(ABC):

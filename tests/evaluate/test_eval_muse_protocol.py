@@ -14,8 +14,9 @@ from pixelllm.data.report import SkipReport
 from pixelllm.data.sources import open_source
 from pixelllm.data.synthetic import generate
 from pixelllm.errors import InputError
-from pixelllm.evaluate.protocols import PROTOCOLS, Segment
+from pixelllm.evaluate.protocols import PROTOCOLS
 from pixelllm.evaluate.runner import GroundTruthOracle, _images, _load, evaluate
+from pixelllm.results import Segment
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ BUILT_IN = {
     "refer_reranker": "pixelllm.model.heads.refer_reranker:ReferReranker",
     "scene": "pixelllm.model.heads.scene:SceneCaptioner",
     "location_tokens": "pixelllm.model.heads.location_tokens:LocationTokensHead",
+    "codebook": "pixelllm.model.heads.codebook:CodebookHead",
 }
 CLASS_KEY = "class"
 TRUNK_OPTIONS = {"box_pixels": lambda config: config.extractor.box_pixels > 0}
