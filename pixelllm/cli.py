@@ -189,6 +189,10 @@ def _as_text(result: dict) -> str:
     if "regions" in result:
         return "\n".join(f"{r['score']:.2f} [{', '.join(f'{v:.0f}' for v in r['box'])}] {r['caption']}"
                          for r in result["regions"]) or "(no regions)"
+    if "targets" in result:
+        return f"{result['query']}: " + ("; ".join(
+            f"[{', '.join(f'{v:.0f}' for v in t['box'])}] score {t['score']:.2f}" for t in result["targets"])
+            or "none found")
     box = ", ".join(f"{v:.1f}" for v in result["box"])
     area = f" mask area {result['area']} px" if "area" in result else ""
     found = "" if result["found"] else " (not found: the score is under --min-score; the box is the best guess)"
@@ -223,9 +227,25 @@ def _segment(args, predictor, images) -> list[_Answer]:
     from pixelllm.viz import draw_segmentation
 
     encoded = predictor.encode_batch(images)
+    if args.all:
+        return _segment_all(args, predictor, images, encoded)
     masks = predictor.segment_batch(encoded, [[args.expression]] * len(encoded), args.min_score)
     return [_Answer(segmentation.to_dict(), partial(draw_segmentation, image, segmentation), segmentation.mask)
             for image, (segmentation,) in zip(images, masks, strict=True)]
+
+
+def _segment_all(args, predictor, images, encoded) -> list[_Answer]:
+    """Every target the query names (``--all``); ``--mask`` writes their union."""
+    import numpy as np
+
+    from pixelllm.results import segment_all_json
+    from pixelllm.viz import draw_segments
+
+    found = predictor.segment_all_batch(encoded, [args.expression] * len(encoded))
+    return [_Answer(segment_all_json(args.expression, segments, image.size),
+                    partial(draw_segments, image, args.expression, segments),
+                    np.any([s.mask for s in segments], axis=0) if segments else np.zeros(image.size[::-1], bool))
+            for image, segments in zip(images, found, strict=True)]
 
 
 def _densecap(args, predictor, images) -> list[_Answer]:
@@ -408,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment = task_command("segment", "the mask of a referring expression, with a score and whether it is found",
                            _segment, expression=True)
     min_score(segment, LOCATE_MIN_SCORE, "the least score for found: true")
+    segment.add_argument("--all", action="store_true",
+                         help="every target the query names, any number, e.g. 'all the red objects' (a system "
+                              "with a segmentation codebook: pixellm)")
     segment.add_argument("--mask", default=None, metavar="PNG",
                          help="write the mask here as a black-and-white PNG the size of the image (for several "
                               "images: a directory, one <image name>_mask.png each)")

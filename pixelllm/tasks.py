@@ -163,8 +163,15 @@ class Predictor:
         (the capability ``detect``); each detection's score is its answer's (the geometric mean of
         its tokens' probabilities)."""
         labels = [[_check_text(label, "label") for label in names] for names in labels]
+        self._require("detect", "detect", "visionllm-v1 and visionllm-v2")
         written = self._answer(list(encoded), self.model.capability("detect")(labels))
         return [[Detection(label, box, score) for label, box, score in found] for found in written]
+
+    def _require(self, capability: str, task: str, systems: str) -> None:
+        """``InputError`` naming the systems that have ``task`` when no head of this model gives ``capability``."""
+        if not self.model.has_capability(capability):
+            raise InputError(f"this model has no {task}: that is a task of {systems} "
+                             f"(its heads: {', '.join(self.model.heads) or 'none'})")
 
     @torch.no_grad()
     def _answer(self, encoded: list[EncodedImage], answers) -> list[list[tuple[str | None, list[float], float]]]:
@@ -188,6 +195,7 @@ class Predictor:
         pass (``codebook_masks``). A segment's box is its mask's extent, its score the mean
         probability over the pixels it claims."""
         queries = [_check_text(query, "query") for query in queries]
+        self._require("codebook_answers", "segment_all (segment --all)", "pixellm")
         if not queries:
             return []
         answers = self.model.capability("codebook_answers")(queries)

@@ -57,7 +57,7 @@ from pixelllm.data.report import SkipReport
 from pixelllm.data.shards import ShardReader
 from pixelllm.data.sources import EXPECTED, open_source
 from pixelllm.data.streams import ShardStream, Streams
-from pixelllm.data.targets import TASKS
+from pixelllm.data.targets import TASKS, CodebookFormat, answer_text
 from pixelllm.errors import CheckpointError, ConfigError, PixelLLMError
 from pixelllm.files import atomic_write_text, finish, recover, swap_in
 from pixelllm.locations import LocationFormat
@@ -310,7 +310,8 @@ def load_sources(config: TrainConfig, tokenizer, model_config: PixelLLMConfig) -
         augment = Augment(**{**dataclasses.asdict(DEFAULT_AUGMENT[spec.task]), **(spec.augment or {})})
         task = TaskConfig(spec.task, model_config.image_size, max_prompts=spec.max_prompts,
                           prompts=model_config.prompts, augment=augment, refer_text_loss=spec.refer_text_loss,
-                          pixel_scale=model_config.pixel_scale, locations=location_format(model_config))
+                          pixel_scale=model_config.pixel_scale, locations=location_format(model_config),
+                          codebook=codebook_format(model_config))
         sources.append((samples, ExampleBuilder(tokenizer, task, name=f"{spec.task}:{spec.data}")))
     return sources
 
@@ -320,6 +321,16 @@ def location_format(model_config: PixelLLMConfig) -> LocationFormat | None:
     ``LocationFormat`` as ``locations``), or None when none does."""
     formats = [getattr(head_config, "locations", None) for _, head_config in head_configs(model_config).values()]
     return next((f for f in reversed(formats) if isinstance(f, LocationFormat)), None)
+
+
+def codebook_format(model_config: PixelLLMConfig) -> CodebookFormat | None:
+    """How the model's codebook head wants its answers written (the last head that provides
+    ``codebook_answers``: its special tokens and question template), or None when none does."""
+    heads = [(cls, c) for cls, c in head_configs(model_config).values() if "codebook_answers" in cls.provided(c)]
+    if not heads:
+        return None
+    cls, head_config = heads[-1]
+    return CodebookFormat(tuple(cls.special_tokens(head_config)), head_config.prompt)
 
 
 def _dataset_samples(spec: DatasetConfig) -> tuple[list | ShardReader, SkipReport]:
@@ -349,13 +360,14 @@ def make_streams(config: TrainConfig, sources, runtime: Runtime) -> Streams:
 
 
 def texts_for_tokenizer(sources) -> list[str]:
-    """Every caption, expression and region text of the training data (to train a tokenizer; tar
-    shards are read through once for it)."""
+    """Every caption, expression, region text, question and answer of the training data (to train a
+    tokenizer; tar shards are read through once for it)."""
     texts = []
     for samples, _ in sources:
         for sample in samples:
             texts += [n.caption for n in sample.narratives] + list(sample.captions)
             texts += [t for region in sample.regions for t in region.texts]
+            texts += [text for q in sample.questions for text in (q.text, answer_text(q, ""))]
     return texts
 
 

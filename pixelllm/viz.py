@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pixelllm.data.images import load_image
 from pixelllm.errors import InputError
-from pixelllm.results import Caption, Region, Segmentation
+from pixelllm.results import Caption, Region, Segment, Segmentation
 
 Color = tuple[int, int, int]
 
@@ -62,6 +62,7 @@ MUTED: Color = (150, 150, 150)
 WHITE: Color = (255, 255, 255)
 NO_WORDS = "(no words)"
 NO_REGIONS = "(no regions)"
+NO_TARGETS = "none found"
 DIM_ALPHA = 150  # of 255: how much the picture outside a mask darkens
 WORD_BOX_ALPHA = 130
 
@@ -151,24 +152,55 @@ def draw_segmentation(image, segmentation: Segmentation) -> Image.Image:
     """The mask shown by darkening the rest of the picture (the object keeps its own colors), a
     contour around it, its box, and the expression with its score in a tag."""
     picture, style = _canvas(image)
+    mask = _picture_mask(segmentation.mask, picture, style)
+    color = _standout(np.asarray(picture)[mask, :3])
+    label = _found_label(segmentation.expression, segmentation.score, segmentation.found)
+    return _draw_masks(picture, style, [(mask, segmentation.box, color, label)])
+
+
+def draw_segments(image, query: str, segments: Sequence[Segment]) -> Image.Image:
+    """Every target of a multi-target answer (``segment_all``): the picture darkened outside them,
+    each with a contour, a box and a tag "query #i  score" in its own color; a tag saying so when
+    there is none."""
+    picture, style = _canvas(image)
+    colors = palette(len(segments))
+    drawn = [(_picture_mask(s.mask, picture, style), s.box, color, f"{query} #{i}  {s.score:.2f}")
+             for i, (s, color) in enumerate(zip(segments, colors, strict=True), 1)]
+    if not drawn:
+        _tag(ImageDraw.Draw(picture), picture.size, (0, 0, 0, 0), f"{query}: {NO_TARGETS}", MUTED, style, [])
+    return _draw_masks(picture, style, drawn)
+
+
+def _picture_mask(mask: np.ndarray, picture: Image.Image, style: _Style) -> np.ndarray:
+    """An ``(H, W)`` mask of the image at the picture's size; ``InputError`` if it is not the image's size."""
     width, height = style.image_size
-    mask = np.asarray(segmentation.mask, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
     if mask.shape != (height, width):
         raise InputError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}")
-    mask = _resized(mask, picture.size)
-    color = _standout(np.asarray(picture)[mask, :3])
-    overlay = np.zeros((*mask.shape, 4), dtype=np.uint8)
-    if mask.any():
-        overlay[~mask] = (*HALO, DIM_ALPHA)
-        ring = _ring(mask, style.line)
-        overlay[_ring(mask | ring, style.halo)] = (*HALO, 255)
-        overlay[ring] = (*color, 255)
+    return _resized(mask, picture.size)
+
+
+def _draw_masks(picture: Image.Image, style: _Style, drawn: list) -> Image.Image:
+    """``drawn``: ``(mask at the picture's size, box in image pixels, color, label)`` each. The picture
+    outside every mask darkened, each mask's contour in its color, its box and its tag."""
+    union = np.zeros((picture.height, picture.width), dtype=bool)
+    for mask, *_ in drawn:
+        union |= mask
+    overlay = np.zeros((*union.shape, 4), dtype=np.uint8)
+    if union.any():
+        overlay[~union] = (*HALO, DIM_ALPHA)
+    for mask, _, color, _ in drawn:
+        if mask.any():
+            ring = _ring(mask, style.line)
+            overlay[_ring(mask | ring, style.halo) & ~union] = (*HALO, 255)
+            overlay[ring] = (*color, 255)
     picture.alpha_composite(Image.fromarray(overlay, "RGBA"))
     draw = ImageDraw.Draw(picture)
-    rect = style.box(segmentation.box)
-    _box(draw, rect, color, style, width=style.thin)
-    label = _found_label(segmentation.expression, segmentation.score, segmentation.found)
-    _tag(draw, picture.size, rect, label, color, style, taken=[])
+    taken: list[tuple[int, int, int, int]] = []
+    for _, box, color, label in drawn:
+        rect = style.box(box)
+        _box(draw, rect, color, style, width=style.thin)
+        _tag(draw, picture.size, rect, label, color, style, taken)
     return picture.convert("RGB")
 
 

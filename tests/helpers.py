@@ -112,3 +112,16 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+CODEBOOK_HEAD = "pixelllm.model.heads.codebook:CodebookHead"
+"""The codebook head named by its class path (the trunk's registry also knows it as ``codebook``)."""
+
+
+def codebook_model(seed: int = 0, family: str = "t5", **codebook):
+    """The tiny preset with the codebook head (a small decoder) instead of the PixelLLM heads."""
+    torch.manual_seed(seed)
+    heads = {"location": None, "mask": None, "proposals": None,
+             "codebook": {"class": CODEBOOK_HEAD, "dim": 64, "mlp_dim": 128, **codebook}}
+    return build_model(with_changes(tiny_config(family), heads=heads), tokenizer=tokenizer())
+

@@ -330,3 +330,40 @@ def test_the_systems_load_by_name(capsys, real_data, tmp_path, monkeypatch):
         code, _, err = run(capsys, "locate", photo, "the cat", "--model", name)
         assert code == 2 and err.startswith(f"error: the system '{name.lower()}' is not embedded yet (issue {issue})")
         assert err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def codebook_checkpoint(tmp_path_factory):
+    from helpers import codebook_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "codebook"
+    codebook_model(seed=1, max_new_tokens=24).save_pretrained(path)
+    return str(path)
+
+
+def test_segment_all_writes_every_target_with_a_picture_and_their_union(capsys, codebook_checkpoint, real_data,
+                                                                        tmp_path):
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    photo = real_data / "photos" / "chelsea.png"
+    out, masks = tmp_path / "all.png", tmp_path / "mask.png"
+    code, printed, err = run(capsys, "segment", str(photo), "all the cats", "--all", "--model", codebook_checkpoint,
+                             "--json", "--out", str(out), "--mask", str(masks))
+    assert code == 0, err
+    result = json.loads(printed)
+    assert result["query"] == "all the cats" and result["image_size"] == [451, 300]
+    union = np.zeros((300, 451), bool)
+    for target in result["targets"]:
+        assert set(target) == {"box", "mask", "score"} and 0 <= target["score"] <= 1
+        union |= mask_utils.decode({**target["mask"], "counts": target["mask"]["counts"].encode()}).astype(bool)
+    assert np.array_equal(np.asarray(Image.open(masks)) > 0, union)
+    assert Image.open(out).size[0] >= 451 and f"wrote {out}" in err
+    code, printed, _ = run(capsys, "segment", str(photo), "all the cats", "--all", "--model", codebook_checkpoint)
+    assert code == 0 and printed.startswith("all the cats: ") and printed.count("score") == len(result["targets"])
+
+
+def test_segment_all_on_a_model_without_it_names_the_system(capsys, checkpoint, real_data):
+    code, _, err = run(capsys, "segment", str(real_data / "photos" / "chelsea.png"), "all the cats", "--all",
+                       "--model", checkpoint)
+    assert code == 2 and err.startswith("error: this model has no segment_all") and "pixellm" in err

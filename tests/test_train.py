@@ -245,13 +245,41 @@ def test_shards_stream_under_two_processes(tmp_path, shapes, refer_shards):
 
 
 def test_data_that_cannot_train_is_a_config_error(tmp_path, shapes, real_data):
-    muse = Path(__file__).parent / "fixtures" / "formats" / "muse_sample.json"
-    for dataset, message in (({"task": "muse", "data": str(muse), "images": str(real_data / "coco")},
-                              "dataset task 'muse' has no training targets; choose one of trace"),
+    for dataset, message in (({"task": "regioncap", "data": str(shapes)},
+                              "dataset task 'regioncap' has no training targets; choose one of trace"),
+                             ({"task": "muse", "data": str(shapes / "muse" / "shapes_train.json")},
+                              "task muse writes codebook groups: it needs a model with a codebook head"),
                              ({"task": "trace", "data": str(real_data / "vidln")},
                               r"has no images \(a Video Localized Narratives .jsonl file")):
         with pytest.raises(ConfigError, match=message):
             train(TrainConfig.load(_config(tmp_path, shapes, datasets=[dataset])), tmp_path / "bad")
+
+
+def test_the_codebook_head_joins_a_checkpoint_and_trains_on_muse(tmp_path, shapes):
+    """The shape of configs/pixellm_shapes.yaml: a checkpoint without the codebook head gains it by
+    ``overrides``, and the muse task trains it with the LM alone for 2 steps (``train_only``): its loss
+    terms are logged, the new [SEG] rows of the LM's embedding move, and the towers stay the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from pixelllm.model import PixelLLM
+
+    region = [{"task": "region", "data": str(shapes), "max_prompts": 3}]
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=1, datasets=region)), tmp_path / "base")
+    model = {"init": str(tmp_path / "base" / "last"), "train_only": ["language", "heads.codebook"],
+             "overrides": {"heads": {"codebook": {"dim": 32, "heads": 2, "mlp_dim": 64}}}}
+    muse = [{"task": "muse", "data": str(shapes / "muse" / "shapes_train.json")}]
+    train(TrainConfig.load(_config(tmp_path, shapes, steps=2, model=model, datasets=muse)), tmp_path / "muse")
+    records = _losses(tmp_path / "muse")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert {"codebook_text", "codebook_bce", "codebook_dice"} <= set(r) and r["codebook_text"] > 0
+    trained = PixelLLM.from_pretrained(tmp_path / "muse" / "last")
+    rows = trained.heads["codebook"].token_ids(trained)
+    before = load_file(tmp_path / "base" / "last" / "model.safetensors")
+    after = load_file(tmp_path / "muse" / "last" / "model.safetensors")
+    embedding = "language.model.decoder.embed_tokens.weight"  # T5's tied embeddings, as saved
+    assert (before[embedding][rows] != after[embedding][rows]).any(1).all()
+    assert all(torch.equal(before[name], after[name]) for name in before if name.startswith("vision."))
 
 
 def test_the_shards_config_example_loads():

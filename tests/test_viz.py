@@ -254,3 +254,22 @@ def test_save_picture_into_a_read_only_directory_is_an_input_error(tmp_path):
             save_picture(Image.new("RGB", (4, 4)), tmp_path / "out.png")
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_segments_each_get_a_contour_in_their_own_color_and_the_rest_darkens():
+    from pixelllm.results import Segment
+    from pixelllm.viz import draw_segments, palette
+
+    image = np.full((600, 600, 3), 200, np.uint8)
+    left, right = np.zeros((600, 600), bool), np.zeros((600, 600), bool)
+    left[100:200, 100:200], right[300:450, 350:500] = True, True
+    picture = np.asarray(draw_segments(image, "all the squares", [Segment([100, 100, 200, 200], left, 0.9),
+                                                                  Segment([350, 300, 500, 450], right, 0.8)]))
+    assert picture.shape == (600, 600, 3)
+    assert (picture[150, 150] == 200).all() and (picture[400, 420] == 200).all()  # the targets as they are
+    assert picture[550, 50].max() < 150  # outside them, darker
+    first, second = palette(2)
+    assert (picture[150, 98] == first).all() or (picture[98, 150] == first).all()
+    assert (picture[400, 348] == second).all() or (picture[298, 420] == second).all()
+    empty = np.asarray(draw_segments(image, "all the circles", []))
+    assert empty[550, 50].max() == 200  # nothing darkened when nothing was found

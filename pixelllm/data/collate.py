@@ -4,7 +4,10 @@ Keys, dtypes and shapes are those of docs/architecture.md ("The batch contract")
 ``N`` prompts over all of them, ``Lp`` prompt and ``Lt`` target tokens, canvas ``S``. The optional
 keys appear only when some example has them: ``gt_masks``/``mask_weight`` when a prompt has a mask,
 ``gt_boxes``/``gt_boxes_mask``/``detection_weight`` when an image has detection targets,
-``answer_weight`` when a prompt's answer is written in location tokens (tasks locate, detect).
+``answer_weight`` when a prompt's answer is written in location tokens (tasks locate, detect),
+``codebook_weight``/``seg_masks``/``seg_prompt_index`` when a prompt's answer writes codebook groups
+(task muse: ``codebook_weight`` float32 ``(N,)``, ``seg_masks`` bool ``(T, S, S)`` the canvas mask of
+every target, prompt by prompt in answer order, ``seg_prompt_index`` long ``(T,)`` the prompt of each).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def collate(examples: Sequence[Example | Skip | None], pad_token_id: int = 0) ->
         batch["mask_weight"] = torch.tensor([p.mask_weight for _, p in prompts], dtype=torch.float32)
     if any(p.answer_weight > 0 for _, p in prompts):
         batch["answer_weight"] = torch.tensor([p.answer_weight for _, p in prompts], dtype=torch.float32)
+    if any(p.codebook_weight > 0 for _, p in prompts):
+        batch.update(_codebook_fields([p for _, p in prompts], size))
     if any(e.targets.detection_weight > 0 or len(e.targets.gt_boxes) for e in examples):
         m = max(len(e.targets.gt_boxes) for e in examples)
         batch["gt_boxes"] = torch.zeros((len(examples), m, 4), dtype=torch.float32)
@@ -81,6 +86,18 @@ def collate(examples: Sequence[Example | Skip | None], pad_token_id: int = 0) ->
         )
     batch["meta"] = [_meta(e) for e in examples]
     return batch
+
+
+def _codebook_fields(prompts: list, size: int) -> dict[str, torch.Tensor]:
+    """``codebook_weight (N,)``, ``seg_masks (T, S, S)`` and ``seg_prompt_index (T,)`` of ``N`` prompts
+    whose ``T`` targets' canvas masks are their ``seg_masks`` (module docstring)."""
+    targets = [(i, mask) for i, p in enumerate(prompts) for mask in p.seg_masks or []]
+    masks = [torch.from_numpy(mask) for _, mask in targets]
+    return {
+        "codebook_weight": torch.tensor([p.codebook_weight for p in prompts], dtype=torch.float32),
+        "seg_masks": torch.stack(masks) if masks else torch.zeros((0, size, size), dtype=torch.bool),
+        "seg_prompt_index": torch.tensor([i for i, _ in targets], dtype=torch.long),
+    }
 
 
 def _floats(rows: list, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,8 +8,9 @@ nothing. ``ExampleDataset`` wraps a sequence of samples for a ``DataLoader`` (us
 Augmentation defaults follow the official configs: trace none; refer/refseg scale jitter
 0.75-1.25 without flip (expressions say "left" and "right"); densecap scale jitter 0.1-2.0 with
 flip 0.5. Flipping does not rewrite words like "left", so keep it off where text is spatial.
-locate and detect write boxes as fractions of the image (``pixelllm.locations``): they may shrink
-the image (scale jitter up to 1) but not crop or flip it.
+locate and detect write boxes as fractions of the image (``pixelllm.locations``), and a muse answer
+names every target of its question, some by where they lie ("left of the blue square"): these tasks
+may shrink the image (scale jitter up to 1; muse 0.75-1) but not crop or flip it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from pixelllm.data.images import MIN_SIDE, ImageTooSmall, load_image
 from pixelllm.data.report import SkipReport
 from pixelllm.data.samples import Sample
-from pixelllm.data.targets import LOCATION_TASKS, TASKS, ImageTargets, build_targets, to_canvas
+from pixelllm.data.targets import LOCATION_TASKS, TASKS, CodebookFormat, ImageTargets, build_targets, to_canvas
 from pixelllm.data.transforms import CanvasTransform, clip_boxes, jitter_boxes
 from pixelllm.errors import ConfigError, InputError
 from pixelllm.locations import LocationFormat
@@ -57,7 +58,11 @@ DEFAULT_AUGMENT = {
     "densecap": Augment((0.1, 2.0), 0.5),
     "locate": Augment((0.75, 1.0)),
     "detect": Augment((0.75, 1.0)),
+    "muse": Augment((0.75, 1.0)),
 }
+# the tasks whose augment may only shrink the image, and why
+SHRINK_ONLY = {**{task: "writes boxes as fractions of the image" for task in LOCATION_TASKS},
+               "muse": "names every target of the image, some by where they lie"}
 
 
 @dataclass
@@ -74,13 +79,14 @@ class TaskConfig:
     refer_text_loss: bool = False
     pixel_scale: int = 1  # the image is drawn at this many times the canvas resolution (PixelLLMConfig.pixel_scale)
     locations: LocationFormat | None = None  # how locate and detect write boxes (the model's head says)
+    codebook: CodebookFormat | None = None  # how muse writes its answers (the model's codebook head says)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         a = self.augment
-        if self.task in LOCATION_TASKS and a is not None and (max(a.scale_range) > 1 or a.flip_prob or a.box_jitter):
-            raise ConfigError(f"task {self.task} writes boxes as fractions of the image: its augment may only "
+        if self.task in SHRINK_ONLY and a is not None and (max(a.scale_range) > 1 or a.flip_prob or a.box_jitter):
+            raise ConfigError(f"task {self.task} {SHRINK_ONLY[self.task]}: its augment may only "
                               f"shrink it (scale_range up to 1, no flip, no box_jitter), got {a}")
 
 
@@ -156,6 +162,7 @@ class ExampleBuilder:
                 prompts=c.prompts,
                 refer_text_loss=c.refer_text_loss,
                 locations=c.locations,
+                codebook=c.codebook,
             )
         except (ValueError, InputError):  # a mask or text the reader did not vet (e.g. built by hand)
             return self._skip("malformed annotation")

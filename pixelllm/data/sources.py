@@ -24,9 +24,8 @@ Visual Genome (official)           a directory with ``region_descriptions.json``
 Visual Genome (GRiT densecap JSON) any other ``.json`` file holding a mapping: COCO-style       regioncap,
                                    ``images`` and ``annotations`` with ``caption``              densecap
                                    (``test.json``: 5,000 images)
-MUSE (PixelLM)                     any other ``.json`` file holding a list of image entries     muse (no training
-                                   with ``questions`` and ``answers``                           task consumes it
-                                                                                               yet)
+MUSE (PixelLM)                     any other ``.json`` file holding a list of image entries     muse
+                                   with ``questions`` and ``answers``
 tar shards                         a directory with ``index.json``, written by                 all (training
                                    ``pixelllm.data.shards.ShardWriter`` (images inside)        streams them)
 =================================  ==========================================================  ==============

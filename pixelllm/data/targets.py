@@ -19,6 +19,13 @@
   order with ``rng``, else as they first appear; at most as many as there are class tokens)
   -> each object of those classes as its class token then its box, by class slot, then top to
   bottom and left to right; the answer loss.
+- muse: one prompt per question on the whole image, the codebook's template with the question
+  (``CodebookFormat``) -> the answer with the whole codebook group after each target, no space
+  before it ("the small red circle[SEG0]...[SEG5], the large red star[SEG0]...[SEG5]."), not
+  truncated (every group stays whole); a question without a text answer gets PixelLM's template
+  ("the red circle[SEG0]... and the blue star[SEG0]... ."), one with no target keeps its text
+  answer ("there are no purple objects.") and trains on it alone; each target's mask in answer
+  order (``seg_masks``); the codebook head's losses (``codebook_weight``).
 
 locate and detect need the ``LocationFormat`` (``locations``) of the model's head; their tokens are
 fractions of the image, so the image may be resized but not cropped or flipped.
@@ -29,6 +36,7 @@ keeps a random subset (with ``rng``) or the first ones (without).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -38,14 +46,25 @@ from transformers import PreTrainedTokenizerBase
 from pixelllm.config import DEFAULT_PROMPTS
 from pixelllm.data.coco import decode_segmentation
 from pixelllm.data.ln import ALIGNMENTS
-from pixelllm.data.samples import Region, Sample
+from pixelllm.data.muse import PLACEHOLDER
+from pixelllm.data.samples import Question, Region, Sample
 from pixelllm.data.transforms import CanvasTransform, clip_boxes, touches
 from pixelllm.errors import ConfigError
 from pixelllm.locations import LocationFormat, locate_prompt
 from pixelllm.tokenization import encode_prompt, encode_target
 
 LOCATION_TASKS = ("locate", "detect")
-TASKS = ("trace", "caption", "refer", "refseg", "region", "densecap", *LOCATION_TASKS)
+TASKS = ("trace", "caption", "refer", "refseg", "region", "densecap", *LOCATION_TASKS, "muse")
+_PLACEHOLDER = re.compile(r"\s*" + re.escape(PLACEHOLDER))
+
+
+@dataclass(frozen=True)
+class CodebookFormat:
+    """How the task muse writes answers for a codebook head: ``group`` the head's tokens, written whole
+    and in order after each target, and ``prompt`` the question's template (``{question}`` replaced)."""
+
+    group: tuple[str, ...]
+    prompt: str
 
 
 @dataclass
@@ -75,6 +94,8 @@ class PromptTarget:
     region_id: str | None = None
     target_box: np.ndarray | None = None  # the object's box in original pixels (evaluation)
     answer_weight: float = 0.0  # the answer is written in location tokens (tasks locate, detect)
+    seg_masks: list[np.ndarray] | None = None  # muse: each target's mask (frame as ``mask``), in answer order
+    codebook_weight: float = 0.0  # muse: the answer writes a codebook group after each target
 
 
 @dataclass
@@ -100,18 +121,21 @@ def build_targets(
     prompts: dict[str, str] | None = None,
     refer_text_loss: bool = False,
     locations: LocationFormat | None = None,
+    codebook: CodebookFormat | None = None,
 ) -> ImageTargets:
     """Targets of ``task`` on ``sample``, in original pixels of an image of ``image_size = (W, H)``.
 
     ``refer_text_loss``: referring expressions also train the text (the official ref stage trains
     the location only; inference reads the expression teacher-forced either way). ``locations``:
-    how the tasks locate and detect write boxes.
+    how the tasks locate and detect write boxes; ``codebook``: how the task muse writes its answers.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task in LOCATION_TASKS:
         return _location_targets(sample, task, tokenizer, image_size, _checked(locations, tokenizer, task),
                                  rng, max_prompts, max_text_tokens)
+    if task == "muse":
+        return _muse_targets(sample, tokenizer, image_size, _checked_codebook(codebook, tokenizer), rng, max_prompts)
     if alignment not in ALIGNMENTS:
         raise ConfigError(f"unknown LN alignment {alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
     builder = _Builder(tokenizer, image_size, max_text_tokens, {**DEFAULT_PROMPTS, **(prompts or {})},
@@ -149,6 +173,42 @@ def _checked(locations: LocationFormat | None, tokenizer: PreTrainedTokenizerBas
         raise ConfigError(f"task {task}: the tokenizer lacks {missing[0]}; build the model with a head that "
                           "writes location tokens first")
     return locations
+
+
+def _checked_codebook(codebook: CodebookFormat | None, tokenizer: PreTrainedTokenizerBase) -> CodebookFormat:
+    """``codebook``, once sure that the tokenizer has its tokens."""
+    if codebook is None:
+        raise ConfigError("task muse writes codebook groups: it needs a model with a codebook head (heads.codebook)")
+    missing = [t for t in codebook.group if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ConfigError(f"task muse: the tokenizer lacks {missing[0]}; build the model with its codebook head first")
+    return codebook
+
+
+def answer_text(question: Question, group: str) -> str:
+    """The target text of ``question`` with ``group`` (the codebook tokens, joined) after each target."""
+    if question.answer is not None:
+        return _PLACEHOLDER.sub(group, question.answer)
+    names = [f"{(t.texts or ['the object'])[0]}{group}" for t in question.targets]
+    return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
+
+
+def _muse_targets(sample: Sample, tokenizer: PreTrainedTokenizerBase, image_size: tuple[int, int],
+                  codebook: CodebookFormat, rng: np.random.Generator | None, max_prompts: int | None) -> ImageTargets:
+    """The prompts of ``muse`` (module docstring), with the targets' masks bool ``(H, W)`` of the image
+    ``image_size = (W, H)``."""
+    width, height = image_size
+    whole = np.array([0.0, 0.0, width, height], dtype=np.float64)
+    group = "".join(codebook.group)
+    prompts = []
+    for question in _choose(sample.questions, max_prompts, rng):
+        text = answer_text(question, group)
+        ids = encode_target(tokenizer, text).ids
+        masks = [decode_segmentation(t.segmentation, height, width) for t in question.targets]
+        prompt_ids = encode_prompt(tokenizer, codebook.prompt.format(question=question.text))
+        prompts.append(PromptTarget("muse", text, prompt_ids, whole, ids, np.zeros((len(ids), 4)),
+                                    np.zeros(len(ids), bool), 0.0, 0.0, seg_masks=masks, codebook_weight=1.0))
+    return ImageTargets("original", prompts)
 
 
 def _location_targets(sample: Sample, task: str, tokenizer: PreTrainedTokenizerBase, image_size: tuple[int, int],
@@ -306,10 +366,10 @@ def to_canvas(targets: ImageTargets, transform: CanvasTransform) -> tuple[ImageT
     """Map original-pixel targets onto the canvas; also return what was dropped, by reason.
 
     A prompt is dropped when its box (or the box of the object it is about) has no area left on
-    the canvas (``object left the crop``) or its mask has no pixel left; trace tokens whose box
-    misses the image lose their location target; ``gt_boxes`` with no area left are dropped.
-    A whole-image prompt box becomes ``transform.valid_box``. ``target_box`` stays in original
-    pixels (for evaluation).
+    the canvas (``object left the crop``) or its mask (or one of its ``seg_masks``) has no pixel
+    left; trace tokens whose box misses the image lose their location target; ``gt_boxes`` with no
+    area left are dropped. A whole-image prompt box becomes ``transform.valid_box``. ``target_box``
+    stays in original pixels (for evaluation).
     """
     if targets.frame != "original":
         raise ValueError(f"targets are already in the {targets.frame} frame")
@@ -341,10 +401,14 @@ def _prompt_to_canvas(p: PromptTarget, transform: CanvasTransform, valid: np.nda
         mask = transform.mask_to_canvas(p.mask)
         if p.mask_weight > 0 and not mask.any():
             return "mask left the crop"
+    seg_masks = None if p.seg_masks is None else [transform.mask_to_canvas(m) for m in p.seg_masks]
+    if seg_masks is not None and not all(m.any() for m in seg_masks):
+        return "mask left the crop"
     return replace(
         p,
         prompt_box=clip_boxes(prompt_box, valid)[0],
         label_boxes=clip_boxes(boxes, valid)[0],
         label_box_mask=label_mask,
         mask=mask,
+        seg_masks=seg_masks,
     )

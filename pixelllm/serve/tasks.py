@@ -3,8 +3,8 @@
 An entry names the task's request fields and answers a whole batch of requests through the
 Predictor's batched API, with the JSON of ``pixelllm <task> --json``. A task is offered when the
 loaded predictor has the batched method the entry needs (``method``), so a system that lands with
-new methods gets its tasks served by adding its entries here. ``OTHER_SYSTEMS`` names the tasks of
-INTERFACE.md that no entry serves yet, and the systems that will have them.
+new methods gets its tasks served by adding its entries here (``capability``: a task only some
+models have). ``OTHER_SYSTEMS`` names the systems of the tasks a model may lack.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixelllm.errors import PixelLLMError
-from pixelllm.results import dense_captions_json
+from pixelllm.results import dense_captions_json, segment_all_json
 from pixelllm.thresholds import DENSECAP_MIN_SCORE, LOCATE_MIN_SCORE
 
 Item = tuple[Any, dict[str, Any]]  # (an RGB PIL image, the task's arguments)
@@ -44,9 +44,12 @@ class ServedTask:
     method: str
     answer: Callable[[Any, list[Item]], list[dict]]
     fields: dict[str, Field] = field(default_factory=dict)
+    capability: str | None = None  # the head's entry point the method needs, if only some models have it
 
     def available(self, predictor) -> bool:
-        return callable(getattr(predictor, self.method, None))
+        if not callable(getattr(predictor, self.method, None)):
+            return False
+        return self.capability is None or predictor.model.has_capability(self.capability)
 
 
 @contextlib.contextmanager
@@ -139,6 +142,13 @@ def _densecap(predictor, items: list[Item]) -> list[dict]:
     return answers
 
 
+def _segment_all(predictor, items: list[Item]) -> list[dict]:
+    encoded = predictor.encode_batch([image for image, _ in items])
+    found = predictor.segment_all_batch(encoded, [args["query"] for _, args in items])
+    return [segment_all_json(args["query"], segments, image.size)
+            for (image, args), segments in zip(items, found, strict=True)]
+
+
 def _groups(items: list[Item], key: Callable[[dict], Hashable]) -> dict[Hashable, list[int]]:
     """The items' indices grouped by ``key`` of their arguments, in order."""
     groups: dict[Hashable, list[int]] = defaultdict(list)
@@ -163,7 +173,12 @@ TASKS: dict[str, ServedTask] = {task.name: task for task in (
     ServedTask("densecap", "every object found, with a box, a score and a caption", "dense_caption_batch",
                _densecap, {"max_regions": Field("integer", "at most this many regions"),
                            "min_score": Field("number", f"the least region score (default {DENSECAP_MIN_SCORE})")}),
+    ServedTask("segment_all", "every target a query names, any number, each with a box, a mask and a score",
+               "segment_all_batch", _segment_all,
+               {"query": Field("text", "what to segment, e.g. 'all the red objects'", required=True)},
+               capability="codebook_answers"),
 )}
 
 OTHER_SYSTEMS = {"detect": "visionllm-v2", "segment_all": "pixellm", "ask": "visionllm-v2"}
-"""INTERFACE.md's tasks that no entry of ``TASKS`` serves yet, and the system each belongs to."""
+"""INTERFACE.md's tasks of the other systems, and the system each belongs to: a loaded model without
+them is told so (404), whether or not an entry of ``TASKS`` serves the task for a model that has it."""

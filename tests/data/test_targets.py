@@ -202,3 +202,35 @@ def test_jitter_boxes_bounds():
     np.testing.assert_array_equal(jitter_boxes(boxes, 0.0, rng), boxes)
     with pytest.raises(ValueError, match="box jitter must be in"):
         jitter_boxes(boxes, 0.5, rng)
+
+
+def test_muse_answers_write_a_group_per_target_and_collate_their_masks(tokenizer, cats):
+    """Task muse: one prompt per question, the whole group after each target, each target's mask in
+    answer order on the canvas (the batch's ``seg_masks``/``seg_prompt_index``), a question with no
+    target trains on its text; its augment may only shrink the image."""
+    from copy import deepcopy
+
+    from pixelllm.data.collate import collate
+    from pixelllm.data.samples import Question
+    from pixelllm.data.targets import CodebookFormat
+
+    tok = deepcopy(tokenizer)
+    tok.add_tokens(["[SEG0]", "[SEG1]"], special_tokens=True)
+    left, right = cats.regions
+    sample = dataclasses.replace(cats, questions=[
+        Question("all the cats", "the left cat {seg} and the right cat {seg}.", [left, right]),
+        Question("the dogs", "there is no dog.", [])])
+    codebook = CodebookFormat(("[SEG0]", "[SEG1]"), "{question} Please respond with segmentation mask.")
+    task = TaskConfig("muse", 160, augment=DEFAULT_AUGMENT["muse"], codebook=codebook)
+    example = ExampleBuilder(tok, task)(sample, np.random.default_rng(0))
+    assert [p.text for p in example.targets.prompts] == ["the left cat[SEG0][SEG1] and the right cat[SEG0][SEG1].",
+                                                         "there is no dog."]
+    assert example.targets.prompts[0].prompt_ids == encode_prompt(tok, "all the cats Please respond with "
+                                                                       "segmentation mask.")
+    batch = collate([example])
+    assert batch["codebook_weight"].tolist() == [1.0, 1.0] and batch["seg_prompt_index"].tolist() == [0, 0]
+    assert batch["seg_masks"].shape == (2, 160, 160) and batch["seg_masks"].sum((1, 2)).min() > 100
+    assert batch["caption_weight"].tolist() == batch["location_weight"].tolist() == [0.0, 0.0]
+    assert "codebook_weight" not in collate([ExampleBuilder(tok, TaskConfig("refseg", 160))(cats)])
+    with pytest.raises(ConfigError, match="task muse names every target of the image"):
+        TaskConfig("muse", 160, augment=Augment((0.75, 1.25)), codebook=codebook)

@@ -10,31 +10,27 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tokenizer, with_changes
+from helpers import CODEBOOK_HEAD as CODEBOOK
+from helpers import codebook_model as _model
 from PIL import Image
 
 from pixelllm.data.coco import decode_segmentation
+from pixelllm.data.collate import collate
 from pixelllm.data.muse import MuseReader
-from pixelllm.data.muse_targets import answer_text, muse_batch, muse_example
-from pixelllm.data.samples import Question, Region
+from pixelllm.data.pipeline import ExampleBuilder, TaskConfig
+from pixelllm.data.samples import Question, Region, Sample
 from pixelllm.data.synthetic import draw_image
+from pixelllm.data.targets import answer_text
 from pixelllm.generation import generate
-from pixelllm.model import PixelLLM, build_model
+from pixelllm.model import PixelLLM
 from pixelllm.model.decoding import DecodeHook
 from pixelllm.model.heads.codebook import group_starts, mask_terms
 from pixelllm.tasks import Predictor
+from pixelllm.train import codebook_format
 
-CODEBOOK = "pixelllm.model.heads.codebook:CodebookHead"
 LM_WEIGHTS = {"t5": ("encoder.block.0.layer.0.SelfAttention.v.weight", "decoder.block.0.layer.0.SelfAttention.q.weight",
                      "decoder.block.1.layer.1.EncDecAttention.v.weight"),
               "llama": ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")}
-SMALL = {"dim": 64, "mlp_dim": 128}  # a decoder small enough to overfit on one core in seconds
-
-
-def _model(seed: int = 0, family: str = "t5", **codebook):
-    torch.manual_seed(seed)
-    heads = {"location": None, "mask": None, "proposals": None, "codebook": {"class": CODEBOOK, **SMALL, **codebook}}
-    return build_model(with_changes(tiny_config(family), heads=heads), tokenizer=tokenizer())
 
 
 def _samples(tmp_path, indices):
@@ -49,10 +45,10 @@ def _samples(tmp_path, indices):
 
 
 def _batch(model, samples):
-    head = model.heads["codebook"]
-    group = head.special_tokens(head.config)
-    return muse_batch([muse_example(s, model.tokenizer, model.config.image_size, group, head.config.prompt)
-                       for s in samples], model.tokenizer.pad_token_id)
+    """The training batch of the task muse on ``samples`` (no augmentation)."""
+    task = TaskConfig("muse", model.config.image_size, codebook=codebook_format(model.config))
+    builder = ExampleBuilder(model.tokenizer, task)
+    return collate([builder(s) for s in samples], model.tokenizer.pad_token_id)
 
 
 def _segment_all(model, samples, **decoding):
@@ -107,21 +103,14 @@ def test_fixed_fusion_weights_are_buffers_and_a_question_without_target_trains_o
     names = {name for name, _ in head.named_parameters()}
     assert "token_weights" not in names and "decoder.scale_weights" not in names
     assert torch.equal(head.token_weights, torch.full((2, 3), 1 / 3)) and "token_weights" in head.state_dict()
-    batch = muse_batch([muse_example(_NoTargetSample(), model.tokenizer, model.config.image_size,
-                                     head.special_tokens(head.config), head.config.prompt)])
+    blank = Sample(np.zeros((60, 80, 3), dtype=np.uint8), "blank", source="muse",
+                   questions=[Question("all the purple objects", "there are no purple objects.", [])])
+    batch = _batch(model, [blank])
     assert batch["seg_masks"].shape == (0, 160, 160)
     out = model(batch)
     assert set(out.losses) == {"text", "codebook_text"} and float(out.losses["codebook_text"].detach()) > 0
     out.loss.backward()
     assert model(batch, all_heads=True).loss.requires_grad
-
-
-class _NoTargetSample:
-    """A sample with one image and one question that has no target."""
-
-    image = np.zeros((60, 80, 3), dtype=np.uint8)
-    image_id, source = "blank", "muse"
-    questions = [Question("all the purple objects", "there are no purple objects.", [])]
 
 
 def test_the_refinement_term_weighs_pixels_claimed_by_two_masks_of_one_question():

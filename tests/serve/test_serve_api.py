@@ -228,3 +228,18 @@ def test_only_the_bundled_samples_are_served(url):
                  "/static/..%2F..%2Fassets%2Fdefault%2Fconfig.json", "/static/../tasks.py"):
         response = httpx2.get(url + path)
         assert response.status_code == 404 and "error" in response.json(), path
+
+
+def test_a_model_with_a_codebook_serves_segment_all_as_the_cli(capsys, tmp_path):
+    from helpers import codebook_model
+
+    import pixelllm
+
+    codebook_model(seed=1, max_new_tokens=24).save_pretrained(tmp_path / "codebook")
+    with running(pixelllm.load(tmp_path / "codebook")) as address:
+        assert "segment_all" in httpx2.get(f"{address}/v1/tasks").json()["tasks"]
+        response = post(address, "segment_all", PHOTOS / "chelsea.png", query="all the cats")
+        assert response.status_code == 200, response.text
+        assert response.json() == cli_json(capsys, "segment", PHOTOS / "chelsea.png",
+                                           ["all the cats", "--all", "--model", str(tmp_path / "codebook")])
+        assert post(address, "segment_all", PHOTOS / "chelsea.png").status_code == 400  # the query is required

@@ -30,8 +30,9 @@ The head owns
   image_index, sequences, states)`` (each row's masks and scores); ``pixelllm.multi_segment``
   decodes with them.
 
-Batch fields it reads (``pixelllm.data.muse_targets``): ``codebook_weight (N,)``, ``seg_masks (T, S, S)``
-bool canvas masks of every target in label order, ``seg_prompt_index (T,)`` the prompt of each.
+Batch fields it reads (the training task muse: ``pixelllm.data.targets``, ``pixelllm.data.collate``):
+``codebook_weight (N,)``, ``seg_masks (T, S, S)`` bool canvas masks of every target in label order,
+``seg_prompt_index (T,)`` the prompt of each.
 """
 
 from __future__ import annotations
