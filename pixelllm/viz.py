@@ -74,11 +74,13 @@ def palette(count: int) -> list[Color]:
     shade; the first ``n`` colors are the same for every ``count >= n``."""
     colors = list(PALETTE[:count])
     candidates = [c for c in _color_grid() if c not in PALETTE]
+    labs = _lab(candidates)  # (K, 3), row i the candidate i
     while len(colors) < count:
-        recent = [_lab(c) for c in colors[-NEIGHBOURS:]]
-        best = max(candidates, key=lambda c: min(float(np.linalg.norm(_lab(c) - r)) for r in recent))
-        candidates.remove(best)
-        colors.append(best)
+        recent = _lab(colors[-NEIGHBOURS:])
+        distance = np.linalg.norm(labs[:, None] - recent[None], axis=-1).min(1)  # to the nearest recent color
+        best = int(distance.argmax())  # the first of equals, as max() would pick
+        colors.append(candidates.pop(best))
+        labs = np.delete(labs, best, axis=0)
     return colors
 
 
@@ -86,16 +88,16 @@ def _color_grid() -> list[Color]:
     """Saturated colors of 36 hues at 3 lightnesses, those light enough to read on the legend."""
     grid = [tuple(round(255 * v) for v in colorsys.hls_to_rgb(hue / 36, lightness, 0.8))
             for lightness in (0.55, 0.65, 0.75) for hue in range(36)]
-    return [color for color in grid if _lab(color)[0] >= MIN_LIGHTNESS]
+    return [color for color, lab in zip(grid, _lab(grid), strict=True) if lab[0] >= MIN_LIGHTNESS]
 
 
-def _lab(color: Color) -> np.ndarray:
-    """CIELAB (D65) of an sRGB color: distances in it follow how different colors look."""
-    rgb = np.asarray(color, dtype=np.float64) / 255
+def _lab(colors) -> np.ndarray:
+    """CIELAB (D65) ``(..., 3)`` of sRGB colors ``(..., 3)``: distances in it follow how different colors look."""
+    rgb = np.asarray(colors, dtype=np.float64) / 255
     linear = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ linear
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
     f = np.cbrt(xyz / np.array([0.95047, 1.0, 1.08883]))
-    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
 def picture_scale(size: tuple[int, int]) -> float:
